@@ -129,7 +129,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainingStats(_message.Message):
-    __slots__ = ("samples_trained", "train_steps", "train_loss", "val_loss", "best_val_loss", "current_lr", "is_overfitting", "patience_counter", "avg_attention_entropy", "train_buffer_size", "val_buffer_size", "enabled", "ready", "min_samples", "last_source", "last_reason", "n_models", "expert_names", "feature_names", "last_grad_norm")
+    __slots__ = ("samples_trained", "train_steps", "train_loss", "val_loss", "best_val_loss", "current_lr", "is_overfitting", "patience_counter", "avg_attention_entropy", "train_buffer_size", "val_buffer_size", "enabled", "ready", "min_samples", "last_source", "last_reason", "n_models", "expert_names", "feature_names", "last_grad_norm", "early_stops")
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class TrainingStats(_message.Message):
     EXPERT_NAMES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     LAST_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPS_FIELD_NUMBER: _ClassVar[int]
     samples_trained: int
     train_steps: int
     train_loss: float
@@ -170,7 +171,8 @@ class TrainingStats(_message.Message):
     expert_names: _containers.RepeatedScalarFieldContainer[str]
     feature_names: _containers.RepeatedScalarFieldContainer[str]
     last_grad_norm: float
-    def __init__(self, samples_trained: _Optional[int] = ..., train_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., best_val_loss: _Optional[float] = ..., current_lr: _Optional[float] = ..., is_overfitting: _Optional[bool] = ..., patience_counter: _Optional[int] = ..., avg_attention_entropy: _Optional[float] = ..., train_buffer_size: _Optional[int] = ..., val_buffer_size: _Optional[int] = ..., enabled: _Optional[bool] = ..., ready: _Optional[bool] = ..., min_samples: _Optional[int] = ..., last_source: _Optional[_Union[Source, str]] = ..., last_reason: _Optional[_Union[FallbackReason, str]] = ..., n_models: _Optional[int] = ..., expert_names: _Optional[_Iterable[str]] = ..., feature_names: _Optional[_Iterable[str]] = ..., last_grad_norm: _Optional[float] = ...) -> None: ...
+    early_stops: int
+    def __init__(self, samples_trained: _Optional[int] = ..., train_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., best_val_loss: _Optional[float] = ..., current_lr: _Optional[float] = ..., is_overfitting: _Optional[bool] = ..., patience_counter: _Optional[int] = ..., avg_attention_entropy: _Optional[float] = ..., train_buffer_size: _Optional[int] = ..., val_buffer_size: _Optional[int] = ..., enabled: _Optional[bool] = ..., ready: _Optional[bool] = ..., min_samples: _Optional[int] = ..., last_source: _Optional[_Union[Source, str]] = ..., last_reason: _Optional[_Union[FallbackReason, str]] = ..., n_models: _Optional[int] = ..., expert_names: _Optional[_Iterable[str]] = ..., feature_names: _Optional[_Iterable[str]] = ..., last_grad_norm: _Optional[float] = ..., early_stops: _Optional[int] = ...) -> None: ...
 
 class ServiceStats(_message.Message):
     __slots__ = ("predictions", "outcomes", "duplicates", "errors", "queue_depth", "uptime_seconds", "last_checkpoint")

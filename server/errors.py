@@ -1,0 +1,62 @@
+"""Domain errors of the fusion model and the service.
+
+    FusionError
+    ├── ConfigError (ValueError)        a configuration parameter is invalid; names the parameter
+    ├── FusionInputError (ValueError)   an event is invalid; names the field; nothing was changed
+    │   └── UnknownEventError           RecordOutcome by event_id for an event never predicted
+    ├── CheckpointError                 a checkpoint is missing, corrupt or incompatible
+    │   ├── CheckpointNotFoundError
+    │   └── IncompatibleCheckpointError
+    ├── OverloadedError                 the owner's queue is full
+    └── ShuttingDownError               the service is draining
+
+The service maps these to gRPC status codes in one place (server/service.py).
+"""
+from __future__ import annotations
+
+
+class FusionError(Exception):
+    """Root of every error raised on purpose by titan_fusion.server."""
+
+
+class ConfigError(FusionError, ValueError):
+    """A configuration value is invalid. `parameter` is its name, e.g. "fusion.hidden_dim"."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+class FusionInputError(FusionError, ValueError):
+    """An event is invalid. `field` names it, e.g. "model_outputs[2].prob_up" or "features.rsi".
+
+    Raised before anything is changed: the model, buffers and statistics are as they were.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnknownEventError(FusionInputError):
+    """An outcome names an event_id whose inputs the service does not have."""
+
+
+class CheckpointError(FusionError):
+    """A checkpoint cannot be saved or loaded. The serving model is unchanged."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    pass
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint is corrupt or was made with another architecture or format."""
+
+
+class OverloadedError(FusionError):
+    """The model owner's queue is full; try again later."""
+
+
+class ShuttingDownError(FusionError):
+    """The service is draining and takes no new work."""

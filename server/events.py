@@ -1,0 +1,121 @@
+"""Validated inputs: expert forecasts, market features and outcome directions.
+
+Every public entry point (the in-process class and the gRPC servicer) goes through these parsers,
+so a bad value is refused the same way everywhere, with a FusionInputError naming the field,
+before anything is changed.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .errors import FusionInputError
+
+# prob_up + prob_down may differ from 1 by this much (experts round their outputs).
+PROB_SUM_TOLERANCE = 1e-3
+MAX_NAME_LENGTH = 128
+DIRECTIONS = {"UP": 1, "DOWN": 0}
+
+
+@dataclass(frozen=True)
+class Expert:
+    prob_up: float
+    confidence: float | None = None
+    name: str | None = None
+
+
+def _get(obj: Any, key: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _number(value: Any, field: str, *, required: bool, lo: float | None = None,
+            hi: float | None = None) -> float | None:
+    if value is None:
+        if required:
+            raise FusionInputError(field, "is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise FusionInputError(field, f"must be a number, got {type(value).__name__}")
+    x = float(value)
+    if math.isnan(x):
+        raise FusionInputError(field, "is NaN")
+    if math.isinf(x):
+        raise FusionInputError(field, "is infinite")
+    if lo is not None and hi is not None and not lo <= x <= hi:
+        raise FusionInputError(field, f"must be in [{lo:g}, {hi:g}], got {x!r}")
+    return x
+
+
+def parse_experts(model_outputs: Any, field: str = "model_outputs") -> tuple[Expert, ...]:
+    """Validate a sequence of expert outputs (objects with attributes, or dicts).
+
+    Each has `prob_up` in [0, 1]; optional `prob_down` (prob_up + prob_down = 1 within 1e-3),
+    `confidence` in [0, 1], and `name` (or `model_name`), unique within the event.
+
+    >>> parse_experts([{"prob_up": 0.6, "name": "trend"}])[0]
+    Expert(prob_up=0.6, confidence=None, name='trend')
+    """
+    if isinstance(model_outputs, (str, bytes, Mapping)) or not isinstance(model_outputs, Sequence):
+        raise FusionInputError(field, f"must be a list of expert outputs, got {type(model_outputs).__name__}")
+    if len(model_outputs) == 0:
+        raise FusionInputError(field, "is empty: at least one expert output is required")
+    experts = []
+    seen: dict[str, int] = {}
+    for i, out in enumerate(model_outputs):
+        f = f"{field}[{i}]"
+        if out is None:
+            raise FusionInputError(f, "is missing")
+        prob_up = _number(_get(out, "prob_up"), f"{f}.prob_up", required=True, lo=0.0, hi=1.0)
+        prob_down = _number(_get(out, "prob_down"), f"{f}.prob_down", required=False, lo=0.0, hi=1.0)
+        if prob_down is not None and abs(prob_up + prob_down - 1.0) > PROB_SUM_TOLERANCE:
+            raise FusionInputError(f"{f}.prob_down",
+                                   f"prob_up + prob_down = {prob_up + prob_down:.6g}, must be 1 (within {PROB_SUM_TOLERANCE:g})")
+        confidence = _number(_get(out, "confidence"), f"{f}.confidence", required=False, lo=0.0, hi=1.0)
+        name = _get(out, "name")
+        if name is None:
+            name = _get(out, "model_name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise FusionInputError(f"{f}.name", f"must be a string, got {type(name).__name__}")
+            if name == "":
+                name = None
+            elif len(name) > MAX_NAME_LENGTH:
+                raise FusionInputError(f"{f}.name", f"longer than {MAX_NAME_LENGTH} characters")
+            elif name in seen:
+                raise FusionInputError(f"{f}.name", f"duplicate expert name {name!r} (also at index {seen[name]})")
+            else:
+                seen[name] = i
+        experts.append(Expert(prob_up=prob_up, confidence=confidence, name=name))
+    return tuple(experts)
+
+
+def parse_features(features: Any, field: str = "features") -> dict[str, float]:
+    """Validate a mapping of feature name to finite number. None means no features."""
+    if features is None:
+        return {}
+    if not isinstance(features, Mapping):
+        raise FusionInputError(field, f"must be a mapping of name to number, got {type(features).__name__}")
+    out: dict[str, float] = {}
+    for name, value in features.items():
+        if not isinstance(name, str) or not name:
+            raise FusionInputError(field, f"feature names must be non-empty strings, got {name!r}")
+        if len(name) > MAX_NAME_LENGTH:
+            raise FusionInputError(f"{field}.{name[:32]}...", f"name longer than {MAX_NAME_LENGTH} characters")
+        out[name] = _number(value, f"{field}.{name}", required=True)
+    return out
+
+
+def parse_direction(direction: Any, field: str = "actual_direction") -> int:
+    """"UP" -> 1, "DOWN" -> 0 (case-insensitive); anything else is refused."""
+    if isinstance(direction, str) and direction.strip().upper() in DIRECTIONS:
+        return DIRECTIONS[direction.strip().upper()]
+    raise FusionInputError(field, f'must be "UP" or "DOWN", got {direction!r}')
+
+
+def plain_average(experts: Sequence[Expert]) -> float:
+    """The fallback forecast: the mean of the experts' prob_up."""
+    return math.fsum(e.prob_up for e in experts) / len(experts)

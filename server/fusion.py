@@ -1,0 +1,645 @@
+"""TransformerFusion: the online learner around FusionNet, with the original class's API.
+
+    >>> fusion = TransformerFusion(n_models=2, config={"fusion.min_samples": 2})
+    >>> fusion.forward([{"prob_up": 0.6}, {"prob_up": 0.8}])   # warming up: the plain average
+    (0.7, 0.30000000000000004)
+    >>> fusion.last_source, fusion.last_reason
+    ('average', 'warming_up')
+    >>> fusion.update([{"prob_up": 0.6}, {"prob_up": 0.8}], actual_direction="UP")
+
+Online learning. Each outcome is sent to the validation buffer with probability `val_split` (a
+seeded hash of its sequence number, so a replay splits identically) or else to the training
+buffer; both are FIFO with a maximum size. From `min_samples` outcomes on, every outcome triggers
+`steps_per_outcome` AdamW steps on mini-batches of `batch_size` drawn from the training buffer, and
+every `val_every` steps the loss on the whole validation buffer is measured. Training is a function
+of the sequence of calls only, never of time: the same calls give bit-identical weights (torch on
+one thread), and save + load + the same further calls equal never saving.
+
+The seven guards against overfitting:
+1. dropout (`dropout`) in attention, feed-forward and pooling, on in training, off in prediction;
+2. L2 as AdamW weight decay (`l2_lambda`) on weight matrices and embeddings, not biases or norms;
+3. early stopping: when the validation loss has not improved by `early_stopping_delta` for
+   `early_stopping_patience` steps, the best weights seen are restored, `is_overfitting` turns
+   true, and training pauses. New outcomes are still buffered. Once `early_stopping_resume` fresh
+   validation outcomes have arrived, the restored weights are scored on them, that score becomes
+   the new best, `is_overfitting` turns false, and training resumes. So `is_overfitting` means
+   "the model is frozen at its best weights because more training was not helping"; if it is true
+   most of the time, lower `learning_rate` or raise `dropout`/`l2_lambda`;
+4. linear warmup of the learning rate from 0 over `warmup_steps`;
+5. cosine decay after warmup, over `decay_steps`, to `learning_rate * lr_floor_ratio` (never 0,
+   so the model keeps adapting to regime changes);
+6. gradient clipping at global norm `gradient_clip`;
+7. the held-out validation split (`val_split`) behind the early stopping and `val_loss`.
+
+Fallback: the plain average of the experts' prob_up is served, and `last_source`/`last_reason` say
+so, when `enabled` is false ("disabled"), before `min_samples` outcomes ("warming_up"), or when an
+event has the wrong number of experts ("wrong_expert_count"). Training goes on while disabled, so
+the model is ready when enabled again.
+
+Schema. Features need no declaration: unless `feature_names` is configured, the first event's
+feature names (sorted) become the schema; expert names likewise from the first event whose experts
+are all named (else "model_0", "model_1", ...). Later events with unknown features are refused;
+missing ones are refused or imputed (`missing_features = "mean"`). Once names are known, an event
+whose experts are all named is matched by name, whatever its order.
+
+Not thread-safe: one owner thread calls it (the service's ModelOwner).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import ARCHITECTURE_FIELDS, FusionConfig
+from .errors import ConfigError, FusionInputError, IncompatibleCheckpointError
+from .events import Expert, parse_direction, parse_experts, parse_features, plain_average
+from .inference import Snapshot
+from .model import EXPERT_INPUTS, FusionNet, NetConfig, prob_logit
+
+SOURCE_FUSION = "fusion"
+SOURCE_AVERAGE = "average"
+REASON_DISABLED = "disabled"
+REASON_WARMING_UP = "warming_up"
+REASON_WRONG_EXPERT_COUNT = "wrong_expert_count"
+REASON_UNDERPERFORMING = "underperforming"  # decided by the service's live scoring
+
+LOSS_WINDOW = 50  # train_loss is the mean of the last this-many mini-batch losses
+HISTORY_LIMIT = 1000  # validation checks kept in the history
+DEDUPE_WINDOW = 10_000  # event_ids remembered by update() to ignore a repeated outcome
+
+
+@dataclass(frozen=True)
+class Event:
+    """One validated event: experts in request order, features by name."""
+
+    experts: tuple[Expert, ...]
+    features: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, model_outputs: Any, features: Any = None) -> "Event":
+        return cls(parse_experts(model_outputs), parse_features(features))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prob_up: float
+    prob_down: float
+    source: str  # "fusion" or "average"
+    reason: str | None  # why the average served; None for the fusion
+    attention: dict[str, float]  # by expert name, in request order; sums to 1
+    model_version: int  # training steps of the model that produced it
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """An event mapped onto the schema: experts in schema order, features as a raw vector."""
+
+    x: list[list[float]]  # per expert, schema order: [logit(prob_up), confidence, has_confidence]
+    feats: list[float]  # raw, schema order; NaN = missing (imputed by the running mean)
+    order: list[int]  # order[j] = request index of schema expert j
+    expert_names: tuple[str, ...] | None  # schema to fix, when not fixed yet
+    feature_names: tuple[str, ...] | None
+
+
+def lr_at(step: int, c: FusionConfig) -> float:
+    """Learning rate for training step `step` (0-based): linear warmup from 0, then cosine to a floor."""
+    if step < c.warmup_steps:
+        return c.learning_rate * step / c.warmup_steps
+    t = min(1.0, (step - c.warmup_steps) / c.decay_steps)
+    return c.lr_floor + (c.learning_rate - c.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def split_uniform(seed: int, index: int) -> float:
+    """A uniform number in [0, 1) from (seed, index) (splitmix64): the validation split's coin."""
+    m = (1 << 64) - 1
+    z = (seed * 0xD1B54A32D192ED03 + index + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
+
+
+class RunningNorm:
+    """Per-feature running mean and variance: cumulative for the first `window` updates, then an
+    exponential moving average with that horizon. NaN inputs (missing features) are skipped."""
+
+    def __init__(self, n: int, window: int):
+        self.window = window
+        self.count = torch.zeros(n, dtype=torch.float64)
+        self.mean = torch.zeros(n, dtype=torch.float64)
+        self.var = torch.zeros(n, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        seen = ~torch.isnan(x)
+        self.count = self.count + seen
+        alpha = torch.where(seen, torch.clamp(1.0 / self.count.clamp(min=1.0), min=1.0 / self.window), 0.0)
+        delta = torch.where(seen, x - self.mean, 0.0)
+        self.mean = self.mean + alpha * delta
+        self.var = (1.0 - alpha) * (self.var + alpha * delta * delta)
+
+    def shift_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / std) with scale 0 for a constant feature: z = (x - shift) * scale."""
+        std = torch.sqrt(self.var)
+        return self.mean.clone(), torch.where(std > 1e-12, 1.0 / std, 0.0)
+
+    @staticmethod
+    def apply(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(B, F) raw -> normalized float32, clipped to [-5, 5]; NaN (missing) -> 0, the mean.
+        The same formula as Snapshot.normalize."""
+        return ((x - shift) * scale).nan_to_num(0.0).clamp(-5.0, 5.0).to(torch.float32)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count.clone(), "mean": self.mean.clone(), "var": self.var.clone()}
+
+    def load(self, s: Mapping[str, torch.Tensor]) -> None:
+        for k in ("count", "mean", "var"):
+            if s[k].shape != self.mean.shape:
+                raise IncompatibleCheckpointError(f"normalizer {k} has shape {tuple(s[k].shape)}, expected {tuple(self.mean.shape)}")
+        self.count, self.mean, self.var = (s[k].to(torch.float64).clone() for k in ("count", "mean", "var"))
+
+
+class RingBuffer:
+    """FIFO of labelled outcomes with a maximum size, stored as preallocated tensors."""
+
+    COLUMNS = ("x", "feats", "label")
+
+    def __init__(self, capacity: int, n_experts: int, n_features: int):
+        self.capacity = capacity
+        self.data = {
+            "x": torch.zeros(capacity, n_experts, EXPERT_INPUTS),  # token inputs, float32
+            "feats": torch.zeros(capacity, n_features, dtype=torch.float64),
+            "label": torch.zeros(capacity, dtype=torch.long),
+        }
+        self.start = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        i = (self.start + self.size) % self.capacity
+        for k in self.COLUMNS:
+            self.data[k][i] = torch.as_tensor(row[k], dtype=self.data[k].dtype)
+        if self.size < self.capacity:
+            self.size += 1
+        else:
+            self.start = (self.start + 1) % self.capacity
+
+    def gather(self, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Rows at logical positions `idx` (0 = oldest); all rows, oldest first, when None."""
+        if idx is None:
+            idx = torch.arange(self.size)
+        phys = (idx + self.start) % self.capacity
+        return {k: v.index_select(0, phys) for k, v in self.data.items()}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.gather()
+
+    def load(self, s: Mapping[str, torch.Tensor]) -> None:
+        n = int(s["label"].shape[0])
+        keep = min(n, self.capacity)  # a smaller configured buffer keeps the newest rows
+        for k in self.COLUMNS:
+            if s[k].shape[1:] != self.data[k].shape[1:]:
+                raise IncompatibleCheckpointError(f"buffer column {k} has shape {tuple(s[k].shape)}, "
+                                                  f"expected (*, {', '.join(map(str, self.data[k].shape[1:]))})")
+            self.data[k][:keep] = s[k][n - keep:].to(self.data[k].dtype)
+        self.start, self.size = 0, keep
+
+
+class TransformerFusion:
+    """Fuses `n_models` experts' prob_up into (prob_up, prob_down) and learns online. See module doc."""
+
+    def __init__(self, config: FusionConfig | Mapping[str, Any] | None = None, n_models: int = 4):
+        self.config = c = FusionConfig.coerce(config)
+        if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
+            raise ConfigError("n_models", f"must be an integer >= 1, got {n_models!r}")
+        if c.expert_names and len(c.expert_names) != n_models:
+            raise ConfigError("fusion.expert_names", f"names {len(c.expert_names)} experts, but n_models={n_models}")
+        self.n_models = n_models
+        self._expert_names: tuple[str, ...] | None = c.expert_names or None
+        self._feature_names: tuple[str, ...] | None = c.feature_names or None
+        self._net: FusionNet | None = None  # built when the feature schema is known
+        self._opt: torch.optim.Optimizer | None = None
+        self._norm: RunningNorm | None = None
+        self._train: RingBuffer | None = None
+        self._val: RingBuffer | None = None
+        self._best_net: dict[str, torch.Tensor] | None = None
+        self._torch_rng: torch.Tensor | None = None  # dropout's RNG, swapped in while training
+        self._snap: Snapshot | None = None  # inference snapshot of the current state; None = stale
+        self._sampler = torch.Generator()
+        self._sampler.manual_seed(c.seed)
+        self._outcomes = 0
+        self._steps = 0
+        self._val_seen = 0
+        self._val_loss = math.nan
+        self._best_val_loss = math.inf
+        self._best_step = 0
+        self._paused_at_val_seen: int | None = None  # set while early stopping has paused training
+        self._early_stops = 0
+        self._last_grad_norm = math.nan
+        self._losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+        self._attention: deque[list[float]] = deque(maxlen=c.attention_window)
+        self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
+        self._recent_ids: dict[str, None] = {}  # insertion-ordered: the oldest is evicted first
+        self.last_source: str | None = None
+        self.last_reason: str | None = None
+        if self._feature_names is not None:
+            self._build(len(self._feature_names))
+
+    # ------------------------------------------------------------------ the original API
+    def forward(self, model_outputs: Sequence[Any], features: Mapping[str, float] | None = None, *,
+                event_id: str | None = None) -> tuple[float, float]:
+        """(prob_up, prob_down) for the next candle; sums to 1. Raises FusionInputError on bad input.
+        `event_id` is accepted for parity with FusionClient.forward (in-process it is not needed)."""
+        p = self.predict(model_outputs, features)
+        return p.prob_up, p.prob_down
+
+    def update(self, model_outputs: Sequence[Any], features: Mapping[str, float] | None = None,
+               actual_direction: str = "UP", *, event_id: str | None = None) -> None:
+        """Learn from how the candle closed ("UP" or "DOWN"). Raises FusionInputError on bad input,
+        including the wrong number of experts (such an outcome cannot be learned from).
+
+        With an `event_id`, an outcome already learned under the same id (among the last
+        DEDUPE_WINDOW ids) is ignored, as the service does: a retried update never trains twice."""
+        label = parse_direction(actual_direction)
+        event = Event.parse(model_outputs, features)
+        if event_id is not None:
+            if not isinstance(event_id, str) or not event_id:
+                raise FusionInputError("event_id", f"must be a non-empty string, got {event_id!r}")
+            if event_id in self._recent_ids:
+                return
+        self.learn(event, label)
+        if event_id is not None:
+            if len(self._recent_ids) >= DEDUPE_WINDOW:
+                self._recent_ids.pop(next(iter(self._recent_ids)))
+            self._recent_ids[event_id] = None
+
+    def get_training_stats(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "samples_trained": self._outcomes,
+            "train_loss": math.fsum(self._losses) / len(self._losses) if self._losses else math.nan,
+            "val_loss": self._val_loss,
+            "current_lr": lr_at(self._steps, c),
+            "is_overfitting": self._paused_at_val_seen is not None,
+            "avg_attention_entropy": (math.fsum(_entropy(w) for w in self._attention) / len(self._attention)
+                                      if self._attention else math.log(self.n_models)),
+            "train_steps": self._steps,
+            "best_val_loss": self._best_val_loss,
+            "patience_counter": self._steps - self._best_step if self._outcomes >= c.min_samples else 0,
+            "early_stops": self._early_stops,
+            "train_buffer_size": len(self._train) if self._train else 0,
+            "val_buffer_size": len(self._val) if self._val else 0,
+            "enabled": c.enabled,
+            "ready": self.ready,
+            "min_samples": c.min_samples,
+            "last_source": self.last_source,
+            "last_reason": self.last_reason,
+            "last_grad_norm": self._last_grad_norm,
+            "n_models": self.n_models,
+            "expert_names": list(self.expert_names),
+            "feature_names": list(self._feature_names or ()),
+        }
+
+    def get_attention_weights(self) -> dict[str, float]:
+        """Mean attention weight per expert over the last `attention_window` fused forecasts
+        (uniform before the first one). Sums to 1."""
+        names = self.expert_names
+        if not self._attention:
+            return {n: 1.0 / self.n_models for n in names}
+        sums = [math.fsum(col) for col in zip(*self._attention)]
+        total = math.fsum(sums)
+        return {n: s / total for n, s in zip(names, sums)}
+
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
+        """Write the whole state to directory `path` (fusion_model.pt + fusion_state.json), atomically.
+        `extra` (JSON-able) is stored in fusion_state.json under "extra"."""
+        tensors: dict[str, Any] = {"sampler_rng": self._sampler.get_state()}
+        if self._net is not None:
+            tensors.update(
+                net=self._net.state_dict(), optimizer=self._opt.state_dict(), best_net=self._best_net,
+                torch_rng=self._torch_rng, norm=self._norm.state(), train=self._train.state(), val=self._val.state())
+        state = {
+            "config": self.config.to_dict(),
+            "n_models": self.n_models,
+            "expert_names": list(self._expert_names) if self._expert_names else None,
+            "feature_names": list(self._feature_names) if self._feature_names is not None else None,
+            "counters": {"outcomes": self._outcomes, "steps": self._steps, "val_seen": self._val_seen,
+                         "best_step": self._best_step, "paused_at_val_seen": self._paused_at_val_seen,
+                         "early_stops": self._early_stops},
+            "val_loss": _jsonable(self._val_loss),
+            "best_val_loss": _jsonable(self._best_val_loss),
+            "last_grad_norm": _jsonable(self._last_grad_norm),
+            "losses": list(self._losses),
+            "attention": [list(w) for w in self._attention],
+            "history": [{k: _jsonable(v) for k, v in h.items()} for h in self._history],
+            "last_source": self.last_source,
+            "last_reason": self.last_reason,
+            "recent_event_ids": list(self._recent_ids),
+            "extra": dict(extra or {}),
+        }
+        checkpoint.write_checkpoint(path, tensors, state)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Restore the whole state from directory `path`. On any error (missing, corrupt, other
+        architecture) raises a CheckpointError and leaves this instance untouched. Returns the
+        checkpoint's "extra" mapping."""
+        tensors, state = checkpoint.read_checkpoint(path)
+        fresh = TransformerFusion(self.config, self.n_models)
+        try:
+            fresh._restore(tensors, state)
+        except IncompatibleCheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise IncompatibleCheckpointError(f"checkpoint at {path} does not fit this model: {type(e).__name__}: {e}") from None
+        vars(self).clear()
+        vars(self).update(vars(fresh))
+        return dict(state.get("extra") or {})
+
+    # ------------------------------------------------------------------ richer API
+    @property
+    def ready(self) -> bool:
+        """At least min_samples outcomes learned: the fusion may serve."""
+        return self._outcomes >= self.config.min_samples
+
+    @property
+    def version(self) -> int:
+        """Training steps so far: the version of the model that serves."""
+        return self._steps
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        return self._expert_names or tuple(f"model_{i}" for i in range(self.n_models))
+
+    def predict(self, model_outputs: Sequence[Any], features: Mapping[str, float] | None = None) -> Prediction:
+        """Like forward(), with the source, reason, attention and model version."""
+        result = self.predict_events([Event.parse(model_outputs, features)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def predict_events(self, events: Sequence[Event]) -> list[Prediction | FusionInputError]:
+        """Predict a batch of validated events with one batched forward. An event that does not fit
+        the schema gets its FusionInputError in its place; the others are unaffected."""
+        out: list[Prediction | FusionInputError | None] = [None] * len(events)
+        fused: list[tuple[int, _Resolved]] = []
+        for i, ev in enumerate(events):
+            if len(ev.experts) != self.n_models:
+                out[i] = self._average(ev, REASON_WRONG_EXPERT_COUNT)
+                continue
+            try:
+                r = self._resolve(ev)
+            except FusionInputError as e:
+                out[i] = e
+                continue
+            self._fix_schema(r)
+            if not self.config.enabled:
+                out[i] = self._average(ev, REASON_DISABLED)
+            elif not self.ready:
+                out[i] = self._average(ev, REASON_WARMING_UP)
+            else:
+                fused.append((i, r))
+        if fused:
+            snap = self.snapshot()
+            probs, weights = snap.forward(np.array([r.x for _, r in fused], dtype=np.float64),
+                                          np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1))
+            names = self.expert_names
+            for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
+                self._attention.append(w)
+                by_request = [0.0] * self.n_models
+                for j, req in enumerate(r.order):
+                    by_request[req] = w[j]
+                request_names = [names[r.order.index(k)] for k in range(self.n_models)]
+                out[i] = Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None,
+                                    dict(zip(request_names, by_request)), snap.version)
+        last = next((p for p in reversed(out) if isinstance(p, Prediction)), None)
+        if last is not None:
+            self.last_source, self.last_reason = last.source, last.reason
+        return out  # type: ignore[return-value]
+
+    def learn(self, event: Event, label: int) -> None:
+        """Learn one validated outcome (label 1 = UP, 0 = DOWN)."""
+        if label not in (0, 1):
+            raise FusionInputError("actual_direction", f"label must be 1 (UP) or 0 (DOWN), got {label!r}")
+        if len(event.experts) != self.n_models:
+            raise FusionInputError("model_outputs", f"expected {self.n_models} expert outputs, got {len(event.experts)}")
+        r = self._resolve(event)
+        self._fix_schema(r)
+        c = self.config
+        feats = torch.tensor(r.feats, dtype=torch.float64)
+        self._norm.update(feats)
+        self._snap = None
+        row = {"x": r.x, "feats": feats, "label": 1 - label}
+        to_val = c.val_split > 0 and split_uniform(c.seed, self._outcomes) < c.val_split
+        (self._val if to_val else self._train).append(row)
+        self._outcomes += 1
+        if to_val:
+            self._val_seen += 1
+        if not self.ready:
+            return
+        if self._paused_at_val_seen is not None:
+            if self._val_seen - self._paused_at_val_seen < c.early_stopping_resume:
+                return
+            self._resume()
+        if len(self._train) == 0:
+            return
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self._torch_rng)
+        try:
+            for _ in range(c.steps_per_outcome):
+                self._step()
+                if self._paused_at_val_seen is not None:
+                    break
+        finally:
+            self._torch_rng = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+    # ------------------------------------------------------------------ internals
+    def _build(self, n_features: int) -> None:
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self._net = FusionNet(NetConfig(self.n_models, n_features, c.hidden_dim, c.num_heads, c.dropout))
+            torch.manual_seed(c.seed + 1)
+            self._torch_rng = torch.get_rng_state()
+        # Always in training mode: predictions and validation read the Snapshot, never the module.
+        self._net.train()
+        self._params = list(self._net.parameters())
+        self._opt = torch.optim.AdamW(self._net.param_groups(c.l2_lambda), lr=lr_at(0, c), fused=True)
+        self._norm = RunningNorm(n_features, c.feature_norm_window)
+        self._train = RingBuffer(c.train_buffer_size, self.n_models, n_features)
+        self._val = RingBuffer(c.val_buffer_size, self.n_models, n_features)
+
+    def _resolve(self, ev: Event) -> _Resolved:
+        """Map an event with the right expert count onto the schema, without changing anything."""
+        names = [e.name for e in ev.experts]
+        new_expert_names = None
+        order = list(range(self.n_models))
+        if self._expert_names is None:
+            if all(names):
+                new_expert_names = tuple(names)
+        elif all(names) and tuple(names) != self._expert_names:
+            index = {n: i for i, n in enumerate(names)}
+            unknown = [n for n in names if n not in self._expert_names]
+            if unknown:
+                raise FusionInputError("model_outputs", f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
+                                       f"expected {', '.join(self._expert_names)}")
+            order = [index[n] for n in self._expert_names]
+        new_feature_names = None
+        schema = self._feature_names
+        if schema is None:
+            schema = new_feature_names = tuple(sorted(ev.features))
+        unknown = sorted(set(ev.features) - set(schema))
+        if unknown:
+            raise FusionInputError("features", f"unknown feature(s) {', '.join(unknown)}; the schema is "
+                                   f"[{', '.join(schema)}]")
+        missing = [n for n in schema if n not in ev.features]
+        if missing and self.config.missing_features == "reject":
+            raise FusionInputError("features", f"missing feature(s) {', '.join(missing)}; the schema is "
+                                   f"[{', '.join(schema)}] (set fusion.missing_features = \"mean\" to impute)")
+        experts = [ev.experts[k] for k in order]
+        return _Resolved(
+            x=[[prob_logit(e.prob_up), 0.0, 0.0] if e.confidence is None else [prob_logit(e.prob_up), e.confidence, 1.0]
+               for e in experts],
+            feats=[ev.features.get(n, math.nan) for n in schema],
+            order=order, expert_names=new_expert_names, feature_names=new_feature_names)
+
+    def _fix_schema(self, r: _Resolved) -> None:
+        if self._expert_names is None and r.expert_names is not None:
+            self._expert_names = r.expert_names
+        if self._feature_names is None and r.feature_names is not None:
+            self._feature_names = r.feature_names
+        if self._net is None:
+            self._build(len(self._feature_names or ()))
+
+    def _average(self, ev: Event, reason: str) -> Prediction:
+        p = plain_average(ev.experts)
+        names = [e.name or f"model_{i}" for i, e in enumerate(ev.experts)]
+        return Prediction(p, 1.0 - p, SOURCE_AVERAGE, reason, {n: 1.0 / len(names) for n in names}, self._steps)
+
+    def snapshot(self) -> Snapshot:
+        """The immutable inference snapshot of the current state (rebuilt only after a change)."""
+        if self._snap is None:
+            if self._net is None:
+                raise RuntimeError("no model yet: the schema is fixed by the first event")
+            shift, scale = self._norm.shift_scale()
+            self._snap = Snapshot.of(self._net, self._steps, shift.numpy(), scale.numpy())
+        return self._snap
+
+    def _step(self) -> None:
+        c = self.config
+        n = len(self._train)
+        idx = torch.randperm(n, generator=self._sampler)[: c.batch_size]
+        b = self._train.gather(idx)
+        lr = lr_at(self._steps, c)
+        for g in self._opt.param_groups:
+            g["lr"] = lr
+        f = RunningNorm.apply(b["feats"], *self._norm.shift_scale()) if self._net.config.n_features else None
+        _, _, loss = self._net(b["x"], f, b["label"])
+        self._opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, c.gradient_clip, foreach=True))
+        self._opt.step()
+        self._snap = None
+        self._steps += 1
+        self._losses.append(float(loss.detach()))
+        if self._steps % c.val_every == 0:
+            self._check_validation()
+
+    def _val_loss_now(self) -> float:
+        if len(self._val) == 0:
+            return math.nan
+        b = self._val.gather()
+        p_up, _ = self.snapshot().forward(b["x"].double().numpy(), b["feats"].numpy())
+        p_label = np.where(b["label"].numpy() == 0, p_up, 1.0 - p_up)  # label 0 = UP
+        return float(-np.mean(np.log(np.clip(p_label, 1e-12, 1.0))))
+
+    def _check_validation(self) -> None:
+        c = self.config
+        self._val_loss = v = self._val_loss_now()
+        self._history.append({"step": self._steps, "samples": self._outcomes, "lr": lr_at(self._steps, c),
+                              "train_loss": self._losses[-1] if self._losses else math.nan, "val_loss": v})
+        if math.isnan(v):
+            return
+        if v < self._best_val_loss - c.early_stopping_delta:
+            self._best_val_loss = v
+            self._best_step = self._steps
+            self._best_net = copy.deepcopy(self._net.state_dict())
+        elif self._steps - self._best_step >= c.early_stopping_patience:
+            # Early stopping: back to the best weights, pause until fresh validation data arrives.
+            if self._best_net is not None:
+                self._net.load_state_dict(self._best_net)
+                self._snap = None
+            self._paused_at_val_seen = self._val_seen
+            self._early_stops += 1
+
+    def _resume(self) -> None:
+        """Fresh validation outcomes have arrived since early stopping: re-baseline and train again."""
+        self._paused_at_val_seen = None
+        self._val_loss = self._best_val_loss = self._val_loss_now()
+        self._best_step = self._steps
+        self._best_net = copy.deepcopy(self._net.state_dict())
+
+    def _restore(self, tensors: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+        """Fill this fresh instance from a checkpoint; raise if it does not fit."""
+        cfg = state.get("config") or {}
+        for name in ARCHITECTURE_FIELDS:
+            if cfg.get(name) != getattr(self.config, name):
+                raise IncompatibleCheckpointError(
+                    f"checkpoint has fusion.{name}={cfg.get(name)!r}, this model has {getattr(self.config, name)!r}")
+        if state.get("n_models") != self.n_models:
+            raise IncompatibleCheckpointError(f"checkpoint has n_models={state.get('n_models')!r}, this model has {self.n_models}")
+        saved_features = state.get("feature_names")
+        if self._feature_names is not None and saved_features is not None and tuple(saved_features) != self._feature_names:
+            raise IncompatibleCheckpointError(f"checkpoint features {saved_features} differ from the configured "
+                                              f"{list(self._feature_names)}")
+        names = state.get("expert_names")
+        if self.config.expert_names and names and tuple(names) != self.config.expert_names:
+            raise IncompatibleCheckpointError(f"checkpoint experts {names} differ from the configured "
+                                              f"{list(self.config.expert_names)}")
+        self._expert_names = tuple(names) if names else self._expert_names
+        if saved_features is not None:
+            self._feature_names = tuple(saved_features)
+        self._sampler.set_state(tensors["sampler_rng"])
+        if "net" in tensors:
+            if self._net is None or self._net.config.n_features != len(self._feature_names):
+                self._build(len(self._feature_names))
+            self._net.load_state_dict(tensors["net"])
+            self._opt.load_state_dict(tensors["optimizer"])
+            self._best_net = tensors["best_net"]
+            self._torch_rng = tensors["torch_rng"]
+            self._norm.load(tensors["norm"])
+            self._train.load(tensors["train"])
+            self._val.load(tensors["val"])
+        k = state["counters"]
+        self._outcomes, self._steps, self._val_seen = int(k["outcomes"]), int(k["steps"]), int(k["val_seen"])
+        self._best_step, self._early_stops = int(k["best_step"]), int(k["early_stops"])
+        self._paused_at_val_seen = k["paused_at_val_seen"]
+        self._val_loss = _float(state["val_loss"])
+        self._best_val_loss = _float(state["best_val_loss"])
+        self._last_grad_norm = _float(state["last_grad_norm"])
+        self._losses.extend(float(x) for x in state["losses"])
+        self._attention.extend([float(x) for x in w] for w in state["attention"])
+        self._history.extend({k: _float(v) if k in ("lr", "train_loss", "val_loss") else v for k, v in h.items()}
+                             for h in state["history"])
+        self.last_source, self.last_reason = state.get("last_source"), state.get("last_reason")
+        self._recent_ids = dict.fromkeys(state.get("recent_event_ids") or ())
+
+
+def _entropy(w: Sequence[float]) -> float:
+    return -math.fsum(x * math.log(x) for x in w if x > 0.0)
+
+
+def _jsonable(x: float) -> float | str:
+    """JSON has no NaN or infinity: store them as strings."""
+    return x if math.isfinite(x) else repr(x)
+
+
+def _float(x: Any) -> float:
+    return float(x)  # float("nan") and float("inf") read back what _jsonable wrote
