@@ -2,7 +2,8 @@
 from .config import FusionConfig
 from .errors import (CheckpointError, ConfigError, FusionError, FusionInputError,
                      IncompatibleCheckpointError)
-from .fusion import Event, Prediction, TransformerFusion
+from .fusion import TransformerFusion
+from .inference import Event, Prediction, Snapshot
 
-__all__ = ["TransformerFusion", "FusionConfig", "Event", "Prediction", "FusionError", "ConfigError",
+__all__ = ["TransformerFusion", "FusionConfig", "Event", "Prediction", "Snapshot", "FusionError", "ConfigError",
            "FusionInputError", "CheckpointError", "IncompatibleCheckpointError"]

@@ -36,11 +36,13 @@ so, when `enabled` is false ("disabled"), before `min_samples` outcomes ("warmin
 event has the wrong number of experts ("wrong_expert_count"). Training goes on while disabled, so
 the model is ready when enabled again.
 
-Schema. Features need no declaration: unless `feature_names` is configured, the first event's
-feature names (sorted) become the schema; expert names likewise from the first event whose experts
-are all named (else "model_0", "model_1", ...). Later events with unknown features are refused;
-missing ones are refused or imputed (`missing_features = "mean"`). Once names are known, an event
-whose experts are all named is matched by name, whatever its order.
+Schema. Features need no declaration: unless `feature_names` is configured, the first learned
+outcome's feature names (sorted) become the schema; expert names likewise from the first learned
+outcome whose experts are all named (else "model_0", "model_1", ...). Forecasts never fix the
+schema, so replaying the outcomes alone rebuilds the same model; before the first outcome they are
+the warm-up average. Later events with unknown features are refused; missing ones are refused or
+imputed (`missing_features = "mean"`). Once names are known, an event whose experts are all named
+is matched by name, whatever its order.
 
 Not thread-safe: one owner thread calls it (the service's ModelOwner).
 """
@@ -59,53 +61,13 @@ import torch
 from . import checkpoint
 from .config import ARCHITECTURE_FIELDS, FusionConfig
 from .errors import ConfigError, FusionInputError, IncompatibleCheckpointError
-from .events import Expert, parse_direction, parse_experts, parse_features, plain_average
-from .inference import Snapshot
-from .model import EXPERT_INPUTS, FusionNet, NetConfig, prob_logit
-
-SOURCE_FUSION = "fusion"
-SOURCE_AVERAGE = "average"
-REASON_DISABLED = "disabled"
-REASON_WARMING_UP = "warming_up"
-REASON_WRONG_EXPERT_COUNT = "wrong_expert_count"
-REASON_UNDERPERFORMING = "underperforming"  # decided by the service's live scoring
+from .events import parse_direction
+from .inference import Event, NumpyNet, Prediction, Resolved, Schema, ServingStats, Snapshot
+from .model import EXPERT_INPUTS, FusionNet, NetConfig
 
 LOSS_WINDOW = 50  # train_loss is the mean of the last this-many mini-batch losses
 HISTORY_LIMIT = 1000  # validation checks kept in the history
 DEDUPE_WINDOW = 10_000  # event_ids remembered by update() to ignore a repeated outcome
-
-
-@dataclass(frozen=True)
-class Event:
-    """One validated event: experts in request order, features by name."""
-
-    experts: tuple[Expert, ...]
-    features: Mapping[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, model_outputs: Any, features: Any = None) -> "Event":
-        return cls(parse_experts(model_outputs), parse_features(features))
-
-
-@dataclass(frozen=True)
-class Prediction:
-    prob_up: float
-    prob_down: float
-    source: str  # "fusion" or "average"
-    reason: str | None  # why the average served; None for the fusion
-    attention: dict[str, float]  # by expert name, in request order; sums to 1
-    model_version: int  # training steps of the model that produced it
-
-
-@dataclass(frozen=True)
-class _Resolved:
-    """An event mapped onto the schema: experts in schema order, features as a raw vector."""
-
-    x: list[list[float]]  # per expert, schema order: [logit(prob_up), confidence, has_confidence]
-    feats: list[float]  # raw, schema order; NaN = missing (imputed by the running mean)
-    order: list[int]  # order[j] = request index of schema expert j
-    expert_names: tuple[str, ...] | None  # schema to fix, when not fixed yet
-    feature_names: tuple[str, ...] | None
 
 
 def lr_at(step: int, c: FusionConfig) -> float:
@@ -244,11 +206,9 @@ class TransformerFusion:
         self._early_stops = 0
         self._last_grad_norm = math.nan
         self._losses: deque[float] = deque(maxlen=LOSS_WINDOW)
-        self._attention: deque[list[float]] = deque(maxlen=c.attention_window)
+        self._serving = ServingStats(c.attention_window)
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
         self._recent_ids: dict[str, None] = {}  # insertion-ordered: the oldest is evicted first
-        self.last_source: str | None = None
-        self.last_reason: str | None = None
         if self._feature_names is not None:
             self._build(len(self._feature_names))
 
@@ -288,8 +248,7 @@ class TransformerFusion:
             "val_loss": self._val_loss,
             "current_lr": lr_at(self._steps, c),
             "is_overfitting": self._paused_at_val_seen is not None,
-            "avg_attention_entropy": (math.fsum(_entropy(w) for w in self._attention) / len(self._attention)
-                                      if self._attention else math.log(self.n_models)),
+            "avg_attention_entropy": self._serving.avg_entropy(self.n_models),
             "train_steps": self._steps,
             "best_val_loss": self._best_val_loss,
             "patience_counter": self._steps - self._best_step if self._outcomes >= c.min_samples else 0,
@@ -310,12 +269,7 @@ class TransformerFusion:
     def get_attention_weights(self) -> dict[str, float]:
         """Mean attention weight per expert over the last `attention_window` fused forecasts
         (uniform before the first one). Sums to 1."""
-        names = self.expert_names
-        if not self._attention:
-            return {n: 1.0 / self.n_models for n in names}
-        sums = [math.fsum(col) for col in zip(*self._attention)]
-        total = math.fsum(sums)
-        return {n: s / total for n, s in zip(names, sums)}
+        return self._serving.weights(self.expert_names)
 
     def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
         """Write the whole state to directory `path` (fusion_model.pt + fusion_state.json), atomically.
@@ -337,10 +291,8 @@ class TransformerFusion:
             "best_val_loss": _jsonable(self._best_val_loss),
             "last_grad_norm": _jsonable(self._last_grad_norm),
             "losses": list(self._losses),
-            "attention": [list(w) for w in self._attention],
+            "serving": self._serving.state(),
             "history": [{k: _jsonable(v) for k, v in h.items()} for h in self._history],
-            "last_source": self.last_source,
-            "last_reason": self.last_reason,
             "recent_event_ids": list(self._recent_ids),
             "extra": dict(extra or {}),
         }
@@ -387,41 +339,24 @@ class TransformerFusion:
     def predict_events(self, events: Sequence[Event]) -> list[Prediction | FusionInputError]:
         """Predict a batch of validated events with one batched forward. An event that does not fit
         the schema gets its FusionInputError in its place; the others are unaffected."""
-        out: list[Prediction | FusionInputError | None] = [None] * len(events)
-        fused: list[tuple[int, _Resolved]] = []
-        for i, ev in enumerate(events):
-            if len(ev.experts) != self.n_models:
-                out[i] = self._average(ev, REASON_WRONG_EXPERT_COUNT)
-                continue
-            try:
-                r = self._resolve(ev)
-            except FusionInputError as e:
-                out[i] = e
-                continue
-            self._fix_schema(r)
-            if not self.config.enabled:
-                out[i] = self._average(ev, REASON_DISABLED)
-            elif not self.ready:
-                out[i] = self._average(ev, REASON_WARMING_UP)
-            else:
-                fused.append((i, r))
-        if fused:
-            snap = self.snapshot()
-            probs, weights = snap.forward(np.array([r.x for _, r in fused], dtype=np.float64),
-                                          np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1))
-            names = self.expert_names
-            for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
-                self._attention.append(w)
-                by_request = [0.0] * self.n_models
-                for j, req in enumerate(r.order):
-                    by_request[req] = w[j]
-                request_names = [names[r.order.index(k)] for k in range(self.n_models)]
-                out[i] = Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None,
-                                    dict(zip(request_names, by_request)), snap.version)
-        last = next((p for p in reversed(out) if isinstance(p, Prediction)), None)
-        if last is not None:
-            self.last_source, self.last_reason = last.source, last.reason
-        return out  # type: ignore[return-value]
+        preds = self.snapshot().predict(events)
+        self._serving.record(preds, self.expert_names)
+        return preds
+
+    @property
+    def last_source(self) -> str | None:
+        """"fusion" or "average": what served the last forecast."""
+        return self._serving.last_source
+
+    @property
+    def last_reason(self) -> str | None:
+        """Why the average served the last forecast ("disabled", "warming_up", ...); None for fusion."""
+        return self._serving.last_reason
+
+    @property
+    def serving_stats(self) -> ServingStats:
+        """Where forecasts made elsewhere (the service's predicting threads) are recorded."""
+        return self._serving
 
     def learn(self, event: Event, label: int) -> None:
         """Learn one validated outcome (label 1 = UP, 0 = DOWN)."""
@@ -429,7 +364,7 @@ class TransformerFusion:
             raise FusionInputError("actual_direction", f"label must be 1 (UP) or 0 (DOWN), got {label!r}")
         if len(event.experts) != self.n_models:
             raise FusionInputError("model_outputs", f"expected {self.n_models} expert outputs, got {len(event.experts)}")
-        r = self._resolve(event)
+        r = self._schema().resolve(event)
         self._fix_schema(r)
         c = self.config
         feats = torch.tensor(r.feats, dtype=torch.float64)
@@ -476,60 +411,27 @@ class TransformerFusion:
         self._train = RingBuffer(c.train_buffer_size, self.n_models, n_features)
         self._val = RingBuffer(c.val_buffer_size, self.n_models, n_features)
 
-    def _resolve(self, ev: Event) -> _Resolved:
-        """Map an event with the right expert count onto the schema, without changing anything."""
-        names = [e.name for e in ev.experts]
-        new_expert_names = None
-        order = list(range(self.n_models))
-        if self._expert_names is None:
-            if all(names):
-                new_expert_names = tuple(names)
-        elif all(names) and tuple(names) != self._expert_names:
-            index = {n: i for i, n in enumerate(names)}
-            unknown = [n for n in names if n not in self._expert_names]
-            if unknown:
-                raise FusionInputError("model_outputs", f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
-                                       f"expected {', '.join(self._expert_names)}")
-            order = [index[n] for n in self._expert_names]
-        new_feature_names = None
-        schema = self._feature_names
-        if schema is None:
-            schema = new_feature_names = tuple(sorted(ev.features))
-        unknown = sorted(set(ev.features) - set(schema))
-        if unknown:
-            raise FusionInputError("features", f"unknown feature(s) {', '.join(unknown)}; the schema is "
-                                   f"[{', '.join(schema)}]")
-        missing = [n for n in schema if n not in ev.features]
-        if missing and self.config.missing_features == "reject":
-            raise FusionInputError("features", f"missing feature(s) {', '.join(missing)}; the schema is "
-                                   f"[{', '.join(schema)}] (set fusion.missing_features = \"mean\" to impute)")
-        experts = [ev.experts[k] for k in order]
-        return _Resolved(
-            x=[[prob_logit(e.prob_up), 0.0, 0.0] if e.confidence is None else [prob_logit(e.prob_up), e.confidence, 1.0]
-               for e in experts],
-            feats=[ev.features.get(n, math.nan) for n in schema],
-            order=order, expert_names=new_expert_names, feature_names=new_feature_names)
+    def _schema(self) -> Schema:
+        return Schema(self.n_models, self._expert_names, self._feature_names, self.config.missing_features)
 
-    def _fix_schema(self, r: _Resolved) -> None:
+    def _fix_schema(self, r: Resolved) -> None:
+        if r.expert_names is not None or r.feature_names is not None:
+            self._snap = None
         if self._expert_names is None and r.expert_names is not None:
             self._expert_names = r.expert_names
         if self._feature_names is None and r.feature_names is not None:
             self._feature_names = r.feature_names
         if self._net is None:
-            self._build(len(self._feature_names or ()))
-
-    def _average(self, ev: Event, reason: str) -> Prediction:
-        p = plain_average(ev.experts)
-        names = [e.name or f"model_{i}" for i, e in enumerate(ev.experts)]
-        return Prediction(p, 1.0 - p, SOURCE_AVERAGE, reason, {n: 1.0 / len(names) for n in names}, self._steps)
+            self._build(len(self._feature_names))
 
     def snapshot(self) -> Snapshot:
         """The immutable inference snapshot of the current state (rebuilt only after a change)."""
         if self._snap is None:
-            if self._net is None:
-                raise RuntimeError("no model yet: the schema is fixed by the first event")
-            shift, scale = self._norm.shift_scale()
-            self._snap = Snapshot.of(self._net, self._steps, shift.numpy(), scale.numpy())
+            net = None
+            if self._net is not None:
+                shift, scale = self._norm.shift_scale()
+                net = NumpyNet.of(self._net, shift.numpy(), scale.numpy())
+            self._snap = Snapshot(self._steps, self.config.enabled, self.ready, self._schema(), net)
         return self._snap
 
     def _step(self) -> None:
@@ -556,7 +458,7 @@ class TransformerFusion:
         if len(self._val) == 0:
             return math.nan
         b = self._val.gather()
-        p_up, _ = self.snapshot().forward(b["x"].double().numpy(), b["feats"].numpy())
+        p_up, _ = self.snapshot().net.forward(b["x"].double().numpy(), b["feats"].numpy())
         p_label = np.where(b["label"].numpy() == 0, p_up, 1.0 - p_up)  # label 0 = UP
         return float(-np.mean(np.log(np.clip(p_label, 1e-12, 1.0))))
 
@@ -625,15 +527,10 @@ class TransformerFusion:
         self._best_val_loss = _float(state["best_val_loss"])
         self._last_grad_norm = _float(state["last_grad_norm"])
         self._losses.extend(float(x) for x in state["losses"])
-        self._attention.extend([float(x) for x in w] for w in state["attention"])
+        self._serving.load(state["serving"])
         self._history.extend({k: _float(v) if k in ("lr", "train_loss", "val_loss") else v for k, v in h.items()}
                              for h in state["history"])
-        self.last_source, self.last_reason = state.get("last_source"), state.get("last_reason")
         self._recent_ids = dict.fromkeys(state.get("recent_event_ids") or ())
-
-
-def _entropy(w: Sequence[float]) -> float:
-    return -math.fsum(x * math.log(x) for x in w if x > 0.0)
 
 
 def _jsonable(x: float) -> float | str:

@@ -1,22 +1,34 @@
-"""An immutable inference snapshot of the fusion network, computed with numpy.
+"""The serving side: events, the schema, and immutable inference snapshots computed with numpy.
 
-The learner publishes a Snapshot after its state changes (a training step, a new outcome's
-normalizer update, a load). Predictions and validation losses read it, never the torch module: so
-prediction needs no train/eval mode switch, no autograd, no lock (a snapshot never changes once
-made), and costs numpy's per-call overhead instead of torch's (tens of microseconds for one event,
-against hundreds). `tests/test_inference.py` checks it equals FusionNet in eval mode to 1e-6.
-
-The math is FusionNet.forward (server/model.py) in eval mode, in float64.
+The learner (TransformerFusion) publishes a Snapshot after its state changes: a training step, a
+new outcome (the feature normalizer moves), a load. A snapshot holds everything a prediction needs
+(schema, readiness, weights, normalizer) and never changes once made, so any thread may predict
+with it, without a lock, while the owner thread trains. Predictions and validation losses read it,
+never the torch module: no train/eval mode switch, no autograd, and numpy's per-call overhead
+instead of torch's (tens of microseconds for one event, against hundreds).
+`tests/test_inference.py` checks NumpyNet equals FusionNet in eval mode to 1e-6.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .model import FusionNet
+from .errors import FusionInputError
+from .events import Expert, parse_experts, parse_features, plain_average
+from .model import FusionNet, prob_logit
+
+SOURCE_FUSION = "fusion"
+SOURCE_AVERAGE = "average"
+REASON_DISABLED = "disabled"
+REASON_WARMING_UP = "warming_up"
+REASON_WRONG_EXPERT_COUNT = "wrong_expert_count"
+REASON_UNDERPERFORMING = "underperforming"  # decided by the service's live scoring
 
 LN_EPS = 1e-5  # nn.LayerNorm's default
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -35,10 +47,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class Snapshot:
-    """Weights (float64 numpy, transposed for x @ W), the feature normalizer, and the schema."""
+class NumpyNet:
+    """FusionNet.forward (server/model.py) in eval mode, in float64 numpy: weights (transposed for
+    x @ W, constant terms folded) and the feature normalizer."""
 
-    version: int  # training steps of the weights
     n_experts: int
     n_features: int
     n_head: int
@@ -47,7 +59,7 @@ class Snapshot:
     norm_scale: np.ndarray  # (F,) 1 / running std, 0 for a constant feature
 
     @classmethod
-    def of(cls, net: FusionNet, version: int, norm_shift: np.ndarray, norm_scale: np.ndarray) -> "Snapshot":
+    def of(cls, net: FusionNet, norm_shift: np.ndarray, norm_scale: np.ndarray) -> "NumpyNet":
         c = net.config
         w = {}
         for k, p in net.named_parameters():
@@ -59,7 +71,7 @@ class Snapshot:
             w["feature_bias"] = w.pop("feature_in.bias") + w.pop("feature_type")
         for a in w.values():
             a.setflags(write=False)
-        return cls(version, c.n_experts, c.n_features, c.num_heads, w,
+        return cls(c.n_experts, c.n_features, c.num_heads, w,
                    norm_shift.copy(), norm_scale.copy())
 
     def normalize(self, feats_raw: np.ndarray) -> np.ndarray:
@@ -110,3 +122,198 @@ class Snapshot:
         logits = pooled @ w["head.weight"] + w["head.bias"]  # (B, 2)
         prob_up = 1.0 / (1.0 + np.exp(logits[:, 1] - logits[:, 0]))
         return prob_up, a[:, :, 0, :].mean(axis=1)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One validated event: experts in request order, features by name."""
+
+    experts: tuple[Expert, ...]
+    features: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, model_outputs: Any, features: Any = None) -> "Event":
+        return cls(parse_experts(model_outputs), parse_features(features))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prob_up: float
+    prob_down: float
+    source: str  # "fusion" or "average"
+    reason: str | None  # why the average served; None for the fusion
+    attention: dict[str, float]  # by expert name, in request order; sums to 1
+    model_version: int  # training steps of the model that produced it
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An event mapped onto the schema: experts in schema order, features as a raw vector."""
+
+    x: list[list[float]]  # per expert, schema order: [logit(prob_up), confidence, has_confidence]
+    feats: list[float]  # raw, schema order; NaN = missing (imputed by the running mean)
+    order: list[int]  # order[j] = request index of schema expert j
+    expert_names: tuple[str, ...] | None  # names to fix, when the schema has none yet
+    feature_names: tuple[str, ...] | None  # feature schema to fix, when not fixed yet
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Which experts and features an event must carry.
+
+    Fixed by configuration or by the first learned outcome (never by a forecast, so that replaying
+    the outcomes alone rebuilds the same model). `expert_names` None: experts are matched by
+    position; otherwise an event whose experts are all named is matched by name.
+    """
+
+    n_models: int
+    expert_names: tuple[str, ...] | None
+    feature_names: tuple[str, ...] | None  # None: not fixed yet
+    missing_features: str = "reject"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.expert_names or tuple(f"model_{i}" for i in range(self.n_models))
+
+    def resolve(self, ev: Event) -> Resolved:
+        """Map an event with n_models experts onto the schema, or raise FusionInputError."""
+        names = [e.name for e in ev.experts]
+        new_expert_names = None
+        order = list(range(self.n_models))
+        if self.expert_names is None:
+            if all(names):
+                new_expert_names = tuple(names)
+        elif all(names) and tuple(names) != self.expert_names:
+            unknown = [n for n in names if n not in self.expert_names]
+            if unknown:
+                raise FusionInputError("model_outputs", f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
+                                       f"expected {', '.join(self.expert_names)}")
+            index = {n: i for i, n in enumerate(names)}
+            order = [index[n] for n in self.expert_names]
+        new_feature_names = None
+        schema = self.feature_names
+        if schema is None:
+            schema = new_feature_names = tuple(sorted(ev.features))
+        unknown = sorted(set(ev.features) - set(schema))
+        if unknown:
+            raise FusionInputError("features", f"unknown feature(s) {', '.join(unknown)}; the schema is "
+                                   f"[{', '.join(schema)}]")
+        missing = [n for n in schema if n not in ev.features]
+        if missing and self.missing_features == "reject":
+            raise FusionInputError("features", f"missing feature(s) {', '.join(missing)}; the schema is "
+                                   f"[{', '.join(schema)}] (set fusion.missing_features = \"mean\" to impute)")
+        experts = [ev.experts[k] for k in order]
+        return Resolved(
+            x=[[prob_logit(e.prob_up), 0.0, 0.0] if e.confidence is None else [prob_logit(e.prob_up), e.confidence, 1.0]
+               for e in experts],
+            feats=[ev.features.get(n, math.nan) for n in schema],
+            order=order, expert_names=new_expert_names, feature_names=new_feature_names)
+
+
+def average_prediction(ev: Event, reason: str, version: int) -> Prediction:
+    p = plain_average(ev.experts)
+    names = [e.name or f"model_{i}" for i, e in enumerate(ev.experts)]
+    return Prediction(p, 1.0 - p, SOURCE_AVERAGE, reason, {n: 1.0 / len(names) for n in names}, version)
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """Everything a prediction needs, frozen at one moment of the learner."""
+
+    version: int  # training steps of the weights
+    enabled: bool
+    ready: bool  # min_samples outcomes learned
+    schema: Schema
+    net: NumpyNet | None  # None before the schema is fixed
+
+    def predict(self, events: Sequence[Event]) -> list[Prediction | FusionInputError]:
+        """One batched forward for the events that the fusion serves; the plain average, with its
+        reason, for the others; a FusionInputError in place of an event that does not fit the schema.
+
+        Reasons, in order: disabled, wrong_expert_count, warming_up.
+        """
+        out: list[Prediction | FusionInputError | None] = [None] * len(events)
+        fused: list[tuple[int, Resolved]] = []
+        for i, ev in enumerate(events):
+            if not self.enabled:
+                out[i] = average_prediction(ev, REASON_DISABLED, self.version)
+            elif len(ev.experts) != self.schema.n_models:
+                out[i] = average_prediction(ev, REASON_WRONG_EXPERT_COUNT, self.version)
+            elif self.schema.feature_names is None:  # nothing learned yet
+                out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
+            else:
+                try:
+                    r = self.schema.resolve(ev)
+                except FusionInputError as e:
+                    out[i] = e
+                    continue
+                if self.ready:
+                    fused.append((i, r))
+                else:
+                    out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
+        if fused:
+            n = self.schema.n_models
+            probs, weights = self.net.forward(
+                np.array([r.x for _, r in fused], dtype=np.float64),
+                np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1))
+            names = self.schema.names
+            for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
+                attention = [("", 0.0)] * n
+                for j, req in enumerate(r.order):
+                    attention[req] = (names[j], w[j])
+                out[i] = Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None, dict(attention), self.version)
+        return out  # type: ignore[return-value]
+
+
+class ServingStats:
+    """What the forecasts served say: the attention of the last `window` fused forecasts (in
+    schema order) and the last source and reason. Thread-safe: predicting threads record, the
+    owner reads and saves."""
+
+    def __init__(self, window: int):
+        self._lock = threading.Lock()
+        self._attention: deque[list[float]] = deque(maxlen=window)
+        self.last_source: str | None = None
+        self.last_reason: str | None = None
+
+    def record(self, predictions: Iterable[Prediction | Exception], schema_names: Sequence[str]) -> None:
+        last = None
+        rows = []
+        for p in predictions:
+            if isinstance(p, Prediction):
+                last = p
+                if p.source == SOURCE_FUSION:
+                    rows.append([p.attention[n] for n in schema_names])
+        with self._lock:
+            self._attention.extend(rows)
+            if last is not None:
+                self.last_source, self.last_reason = last.source, last.reason
+
+    def weights(self, names: Sequence[str]) -> dict[str, float]:
+        """Mean weight per expert over the window (uniform before the first fused forecast)."""
+        with self._lock:
+            rows = list(self._attention)
+        if not rows:
+            return {n: 1.0 / len(names) for n in names}
+        sums = [math.fsum(col) for col in zip(*rows)]
+        total = math.fsum(sums)
+        return {n: s / total for n, s in zip(names, sums)}
+
+    def avg_entropy(self, n: int) -> float:
+        """Mean of -sum(w ln w) over the window (ln n, uniform, before the first fused forecast)."""
+        with self._lock:
+            rows = list(self._attention)
+        if not rows:
+            return math.log(n)
+        return math.fsum(-math.fsum(x * math.log(x) for x in w if x > 0.0) for w in rows) / len(rows)
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"attention": [list(w) for w in self._attention],
+                    "last_source": self.last_source, "last_reason": self.last_reason}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._attention.clear()
+            self._attention.extend([float(x) for x in w] for w in state.get("attention") or ())
+            self.last_source, self.last_reason = state.get("last_source"), state.get("last_reason")

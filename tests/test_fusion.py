@@ -499,3 +499,11 @@ def test_update_with_a_repeated_event_id_does_not_train_twice(tmp_path, stream):
     assert g.get_training_stats()["samples_trained"] == 40
     with pytest.raises(FusionInputError, match="event_id"):
         g.update(*events[6], event_id="")
+
+
+def test_forecasts_never_fix_the_schema_outcomes_do():
+    f = make()
+    p = f.predict([{"prob_up": 0.5, "name": n} for n in "abcd"], {"volume": 3.0})
+    assert p.reason == "warming_up" and f.get_training_stats()["feature_names"] == []
+    f.update([{"prob_up": 0.5, "name": n} for n in "wxyz"], {"rsi": 50.0}, "UP")
+    assert f.get_training_stats()["feature_names"] == ["rsi"] and f.expert_names == tuple("wxyz")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from titan_fusion.server.fusion import RunningNorm
-from titan_fusion.server.inference import Snapshot
+from titan_fusion.server.inference import NumpyNet
 from titan_fusion.server.model import FusionNet, NetConfig
 
 
@@ -29,7 +29,7 @@ def test_snapshot_equals_torch_eval_to_1e6(n_experts, n_features, heads):
     with torch.no_grad():
         logits, w, _ = net(x, f)
     ref_p = torch.softmax(logits.double(), dim=-1)[:, 0].numpy()
-    snap = Snapshot.of(net, 0, shift.numpy(), scale.numpy())
+    snap = NumpyNet.of(net, shift.numpy(), scale.numpy())
     p, a = snap.forward(x.double().numpy(), raw.numpy())
     assert np.abs(p - ref_p).max() < 1e-6
     assert np.abs(a - w.double().numpy()).max() < 1e-6
@@ -44,8 +44,8 @@ def test_snapshot_equals_torch_eval_to_1e6(n_experts, n_features, heads):
 
 def test_snapshot_is_immutable():
     net = FusionNet(NetConfig(2, 1))
-    snap = Snapshot.of(net, 3, np.zeros(1), np.ones(1))
+    snap = NumpyNet.of(net, np.zeros(1), np.ones(1))
     with pytest.raises(ValueError):
         snap.w["head.weight"][0, 0] = 1.0
     with pytest.raises(AttributeError):
-        snap.version = 4
+        snap.n_head = 4
