@@ -1,0 +1,482 @@
+"""FusionClient: the titan-fusion service over gRPC, with only grpcio and protobuf installed.
+
+It speaks two dialects:
+
+- one typed call per RPC: `predict()`, `record_outcome()`, `stats()`, `checkpoint_save()`,
+  `checkpoint_restore()`, `checkpoint_list()`, returning frozen dataclasses and dicts;
+- the in-process `TransformerFusion`'s API: `forward()`, `update()`, `get_training_stats()`,
+  `get_attention_weights()`, `save()`, `load()`, so that a trading ensemble switches from
+  `TransformerFusion(config, n_models=4)` to `FusionClient("host:port")` by changing one line.
+
+Deadlines. Every call carries a deadline: `timeout` seconds (1.0 by default), per attempt;
+each method takes its own `timeout=` too.
+
+Fallback (`predict()`, `forward()`). When the service cannot be reached or does not answer in time
+(UNAVAILABLE, DEADLINE_EXCEEDED) and the client was made with `fallback=True` (the default), the
+client serves the plain average of the experts' `prob_up` itself, as the service would while it
+warms up: `Prediction(source="average", reason="unavailable", model_version=-1)`. It logs a
+warning on the "titan_fusion.client" logger and counts it in `fallback_count`. A trader therefore
+always gets a forecast when the service is down; with `fallback=False` it gets the
+`TransportError` instead. The fallback never hides an answer of the service: INVALID_ARGUMENT,
+RESOURCE_EXHAUSTED and every other `ServerError` are raised, as is `ClientClosedError`.
+A forecast served locally is not known to the service, so a later `record_outcome()` for that
+candle must carry the experts rather than only its event_id (`update()` always does).
+
+Retries (`record_outcome()`, `update()`). An outcome is retried after UNAVAILABLE or
+DEADLINE_EXCEEDED, up to `retries` more times with a short exponential backoff (0.05 s, doubling,
+at most 1 s), ONLY when it has an `event_id`. The service de-duplicates outcomes by event_id, so a
+retry can never teach the model the same candle twice; when an earlier attempt was recorded but
+its answer was lost, the retry comes back `duplicate=True`, which is a success. Without an
+event_id a lost answer cannot be told apart from a lost request, and a retry could train twice,
+so the first error is raised. Retries wait for the channel to be ready (within their deadline)
+instead of failing at once while gRPC waits to reconnect. Outcomes never fall back: when every
+attempt fails, the last `TransportError` is raised, and it is the caller's to keep the outcome
+and report it later (with its event_id, that is safe).
+
+Errors. Every failure of a call is a `FusionClientError` (see `titan_fusion.client.errors` for the
+tree); gRPC's `RpcError` is translated in one place, `FusionClient._invoke`. Mistakes that the client
+sees without asking the service (an `actual_direction` other than "UP"/"DOWN", an expert without
+`prob_up`) raise `ValueError` or `TypeError` before anything is sent.
+
+One client may be shared by threads: gRPC multiplexes their calls on the client's one channel.
+
+>>> from titan_fusion.client import FusionClient
+>>> experts = [{"name": "TrendVIC", "prob_up": 0.7}, {"name": "Oscillator", "prob_up": 0.5}]
+>>> with FusionClient("127.0.0.1:1", timeout=0.2) as fusion:  # nothing listens on port 1
+...     prob_up, prob_down = fusion.forward(experts)
+...     fusion.fallback_count
+1
+>>> round(prob_up, 9), round(prob_down, 9)
+(0.6, 0.4)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from titan_fusion.client import convert
+from titan_fusion.client.convert import CheckpointInfo, OutcomeAck, Prediction
+from titan_fusion.client.errors import (
+    ClientClosedError,
+    ServerError,
+    TransportError,
+    from_rpc_error,
+)
+from titan_fusion.client.pb import fusion_pb2 as pb
+from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+
+__all__ = [
+    "FusionClient",
+    "KEEPALIVE_OPTIONS",
+    "SERVER_KEEPALIVE_OPTIONS",
+    "MAX_MESSAGE_BYTES",
+    "MESSAGE_SIZE_OPTIONS",
+    "CHANNEL_OPTIONS",
+]
+
+logger = logging.getLogger("titan_fusion.client")
+
+#: Client keepalive: ping an idle connection every 30 s, drop it when a ping is not answered within
+#: 10 s, so that a trader learns of a dead server (or a NAT that forgot the connection) between
+#: candles rather than on its next decision.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+#: The server's side of the same agreement (the server imports it from here): it pings its clients
+#: as often, and accepts their pings without calls in flight as long as they come at least 10 s
+#: apart (ours come every 30 s). A client pinging faster is cut off after the default 2 strikes.
+SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+)
+
+#: Largest message either side sends or accepts (gRPC's default receive limit). A request carries a
+#: handful of experts and features; the largest answer, a checkpoint list, is far below it.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MESSAGE_SIZE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+
+#: The client channel's default options; `FusionClient(options=...)` overrides them by key.
+#: Reconnect attempts back off to at most 5 s (gRPC's default is 120 s), so that after the service
+#: comes back the client stops falling back within seconds rather than minutes.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    *KEEPALIVE_OPTIONS,
+    *MESSAGE_SIZE_OPTIONS,
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+_BACKOFF_INITIAL = 0.05  # seconds before the first retry of an outcome
+_BACKOFF_MAX = 1.0
+
+
+def _merge_options(
+    defaults: Iterable[tuple[str, Any]], overrides: Mapping[str, Any] | Iterable[tuple[str, Any]] | None
+) -> list[tuple[str, Any]]:
+    merged = dict(defaults)
+    if overrides is not None:
+        merged.update(overrides.items() if isinstance(overrides, Mapping) else overrides)
+    return list(merged.items())
+
+
+def _check_event_id(event_id: Any) -> str:
+    if event_id is None:
+        return ""
+    if not isinstance(event_id, str):
+        raise TypeError(f"event_id must be a str or None, got {type(event_id).__name__}")
+    return event_id
+
+
+class FusionClient:
+    """A client of the titan-fusion service; a drop-in for the in-process `TransformerFusion`.
+
+    Parameters
+    ----------
+    target
+        "host:port" of the service.
+    timeout
+        Default deadline of every call, in seconds (per attempt).
+    fallback
+        Serve the local average of the experts' prob_up from `predict()`/`forward()` when the
+        service is unreachable or too slow, instead of raising the `TransportError`.
+    retries
+        How many more times `record_outcome()`/`update()` try an outcome that has an event_id
+        after UNAVAILABLE or DEADLINE_EXCEEDED. Outcomes without an event_id are never retried.
+    credentials
+        `grpc.ChannelCredentials` (e.g. `grpc.ssl_channel_credentials()`) for TLS; plaintext when
+        None.
+    token
+        A bearer token, sent with every call as the metadata "authorization: Bearer <token>".
+        Without `credentials` it travels in clear text.
+    options
+        gRPC channel options (a mapping or (key, value) pairs) that override `CHANNEL_OPTIONS`.
+
+    The client owns its channel: use it as a context manager, or call `close()`. Once closed it
+    refuses every call with `ClientClosedError`.
+
+    >>> from titan_fusion.client import FusionClient
+    >>> fusion = FusionClient("127.0.0.1:1", timeout=0.2)  # nothing listens on port 1
+    >>> p = fusion.predict([{"prob_up": 0.2}, {"prob_up": 0.4}], event_id="BTC:15m:0")
+    >>> round(p.prob_up, 9), p.source, p.reason, p.event_id
+    (0.3, 'average', 'unavailable', 'BTC:15m:0')
+    >>> fusion.close()
+    >>> fusion.stats()
+    Traceback (most recent call last):
+    ...
+    titan_fusion.client.errors.ClientClosedError: CANCELLED: the FusionClient is closed
+
+    Against a running service (`titan-fusion serve`):
+
+    >>> with FusionClient("localhost:50051") as fusion:  # doctest: +SKIP
+    ...     p = fusion.predict(experts, {"close": 50000.0, "rsi": 55.0}, event_id="BTC:15m:1")
+    ...     ack = fusion.record_outcome(actual_direction="UP", event_id="BTC:15m:1")
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 1.0,
+        fallback: bool = True,
+        retries: int = 3,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+    ) -> None:
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(retries, int) and retries >= 0):
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        self.target = target
+        self.timeout = float(timeout)
+        self.fallback = bool(fallback)
+        self.retries = retries
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        channel_options = _merge_options(CHANNEL_OPTIONS, options)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        self._stub = pb_grpc.FusionServiceStub(self._channel)
+        self._closed = False
+        self._lock = threading.Lock()
+        self._fallback_count = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def fallback_count(self) -> int:
+        """How many forecasts this client served locally because the service could not answer."""
+        return self._fallback_count
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the channel. Calls in flight are cancelled; later calls raise ClientClosedError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._channel.close()
+
+    def __enter__(self) -> FusionClient:
+        if self._closed:
+            raise ClientClosedError()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<FusionClient target={self.target!r} timeout={self.timeout} {state}>"
+
+    # -- the one boundary between gRPC and the client's errors ---------------------------------
+
+    def _invoke(
+        self, method: str, request: Any, timeout: float | None, *, wait_for_ready: bool | None = None
+    ) -> Any:
+        if self._closed:
+            raise ClientClosedError()
+        rpc = getattr(self._stub, method)
+        try:
+            return rpc(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+                wait_for_ready=wait_for_ready,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, closed=self._closed) from err
+        except ValueError as err:  # gRPC refuses to start a call on a channel closed meanwhile
+            if self._closed:
+                raise ClientClosedError() from err
+            raise
+
+    # -- typed calls ----------------------------------------------------------------------------
+
+    def predict(
+        self,
+        experts: Sequence[Any],
+        features: Mapping[str, float] | None = None,
+        *,
+        event_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Prediction:
+        """The fused forecast for the next candle.
+
+        `experts` are mappings or objects with `prob_up` and optionally `prob_down`,
+        `confidence` and `name` (or `model_name`); `features` maps raw market feature names to
+        values. With an `event_id` the service keeps these inputs, so that `record_outcome()` may
+        later send only the event_id and the direction. Falls back to the local average when the
+        service is unreachable and `fallback` is on (see the module's docstring).
+
+        >>> with FusionClient("127.0.0.1:1", timeout=0.2) as fusion:
+        ...     p = fusion.predict([{"name": "TrendVIC", "prob_up": 0.6},
+        ...                         {"name": "Oscillator", "prob_up": 0.4}])
+        >>> p.prob_up, p.source, p.reason, p.attention
+        (0.5, 'average', 'unavailable', {'TrendVIC': 0.5, 'Oscillator': 0.5})
+        """
+        forecasts = convert.to_expert_forecasts(experts)
+        request = pb.PredictRequest(
+            experts=forecasts,
+            features=convert.to_features(features),
+            event_id=_check_event_id(event_id),
+        )
+        try:
+            response = self._invoke("Predict", request, timeout)
+        except TransportError as err:
+            if not self.fallback:
+                raise
+            try:
+                prediction = convert.local_average(forecasts, event_id=event_id)
+            except ValueError as bad:
+                raise ValueError(f"fusion service unreachable and no local average: {bad}") from err
+            with self._lock:
+                self._fallback_count += 1
+                count = self._fallback_count
+            logger.warning(
+                "fusion service at %s did not answer (%s: %s); serving the local average of %d "
+                "experts (fallback #%d)",
+                self.target, err.code.name, err.details, len(forecasts), count,
+            )
+            return prediction
+        return convert.prediction_from_proto(response)
+
+    def record_outcome(
+        self,
+        experts: Sequence[Any] | None = None,
+        features: Mapping[str, float] | None = None,
+        *,
+        actual_direction: str,
+        event_id: str | None = None,
+        timeout: float | None = None,
+    ) -> OutcomeAck:
+        """Report how a candle closed ("UP" or "DOWN"); the service learns from it.
+
+        Send the same experts and features as the candle's `predict()`, or only the `event_id` of
+        a `predict()` that the service answered (not one served by the local fallback). With an
+        event_id the call is idempotent and retried after UNAVAILABLE/DEADLINE_EXCEEDED (up to
+        `retries` times); without one it is tried once, because a retry could train twice.
+
+        >>> with FusionClient("127.0.0.1:1") as fusion:
+        ...     fusion.record_outcome([{"prob_up": 0.6}], actual_direction="SIDEWAYS")
+        Traceback (most recent call last):
+        ...
+        ValueError: actual_direction must be "UP" or "DOWN", got 'SIDEWAYS'
+        """
+        direction = convert.to_direction(actual_direction)
+        forecasts = convert.to_expert_forecasts(experts) if experts is not None else []
+        event_id = _check_event_id(event_id)
+        if not forecasts and not event_id:
+            raise ValueError(
+                "record_outcome() needs the experts, or the event_id of an earlier predict()"
+            )
+        request = pb.RecordOutcomeRequest(
+            experts=forecasts,
+            features=convert.to_features(features),
+            event_id=event_id,
+            actual_direction=direction,
+        )
+        attempts = 1 + (self.retries if event_id else 0)
+        delay = _BACKOFF_INITIAL
+        for attempt in range(1, attempts + 1):
+            try:
+                # A retry waits (within its deadline) for the channel to reconnect, instead of
+                # failing at once during gRPC's reconnect backoff.
+                response = self._invoke(
+                    "RecordOutcome", request, timeout, wait_for_ready=True if attempt > 1 else None
+                )
+            except TransportError as err:
+                if attempt == attempts:
+                    raise
+                logger.warning(
+                    "record_outcome(event_id=%r) attempt %d/%d failed (%s: %s); retrying in %.2f s",
+                    event_id, attempt, attempts, err.code.name, err.details, delay,
+                )
+                time.sleep(delay)
+                delay = min(2 * delay, _BACKOFF_MAX)
+                continue
+            if response.duplicate and attempt > 1:
+                logger.info(
+                    "record_outcome(event_id=%r): duplicate on attempt %d, so an earlier attempt "
+                    "was recorded and its answer lost", event_id, attempt,
+                )
+            return convert.outcome_ack_from_proto(response, attempts=attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Training statistics, attention weights and the service's counters, as one dict.
+
+        Every `TrainingStats` field by name (`samples_trained`, `train_loss`, `val_loss`,
+        `current_lr`, `is_overfitting`, `avg_attention_entropy`, ...; `last_source` and
+        `last_reason` as "fusion"/"average" and None/"warming_up"/...), plus "attention"
+        (expert name -> weight) and "service" (the `ServiceStats` fields).
+
+        >>> with FusionClient("localhost:50051") as fusion:  # doctest: +SKIP
+        ...     fusion.stats()["samples_trained"]
+        1152
+        """
+        return convert.stats_from_proto(self._invoke("Stats", pb.StatsRequest(), timeout))
+
+    def _checkpoint(self, action: int, name: str, timeout: float | None) -> list[CheckpointInfo]:
+        response = self._invoke("Checkpoint", pb.CheckpointRequest(action=action, name=name), timeout)
+        return [convert.checkpoint_from_proto(info) for info in response.checkpoints]
+
+    def _one_checkpoint(self, action: int, name: str, timeout: float | None) -> CheckpointInfo:
+        checkpoints = self._checkpoint(action, name, timeout)
+        if not checkpoints:
+            raise ServerError(
+                f"the service answered Checkpoint({pb.CheckpointRequest.Action.Name(action)}) "
+                "without a checkpoint", code=grpc.StatusCode.UNKNOWN,
+            )
+        return checkpoints[0]
+
+    def checkpoint_save(self, name: str | None = None, *, timeout: float | None = None) -> CheckpointInfo:
+        """Save the service's model as checkpoint `name` (default "step-<train_steps>").
+
+        A plain name (letters, digits, '.', '_', '-'), never a path: checkpoints live in the
+        service's data directory, and the service refuses paths with INVALID_ARGUMENT.
+
+        >>> with FusionClient("localhost:50051") as fusion:  # doctest: +SKIP
+        ...     fusion.checkpoint_save("before-fomc").name
+        'before-fomc'
+        """
+        return self._one_checkpoint(pb.CheckpointRequest.ACTION_SAVE, name or "", timeout)
+
+    def checkpoint_restore(self, name: str, *, timeout: float | None = None) -> CheckpointInfo:
+        """Replace the service's serving model with checkpoint `name`."""
+        if not name:
+            raise ValueError("checkpoint_restore() needs the checkpoint's name")
+        return self._one_checkpoint(pb.CheckpointRequest.ACTION_RESTORE, name, timeout)
+
+    def checkpoint_list(self, *, timeout: float | None = None) -> list[CheckpointInfo]:
+        """The service's checkpoints, newest first."""
+        return self._checkpoint(pb.CheckpointRequest.ACTION_LIST, "", timeout)
+
+    # -- the in-process TransformerFusion's API -------------------------------------------------
+
+    def forward(
+        self,
+        model_outputs: Sequence[Any],
+        features: Mapping[str, float] | None = None,
+        *,
+        event_id: str | None = None,
+    ) -> tuple[float, float]:
+        """`(prob_up, prob_down)` for the next candle, like `TransformerFusion.forward()`.
+
+        >>> with FusionClient("127.0.0.1:1", timeout=0.2) as fusion:
+        ...     fusion.forward([{"prob_up": 0.75}, {"prob_up": 0.25}], {"close": 50000.0})
+        (0.5, 0.5)
+        """
+        prediction = self.predict(model_outputs, features, event_id=event_id)
+        return prediction.prob_up, prediction.prob_down
+
+    def update(
+        self,
+        model_outputs: Sequence[Any],
+        features: Mapping[str, float] | None = None,
+        actual_direction: str = "UP",
+        *,
+        event_id: str | None = None,
+    ) -> None:
+        """Learn how a candle closed, like `TransformerFusion.update()`.
+
+        Pass the candle's `event_id` (the one given to `forward()`): it makes the call safe to
+        retry, and it is retried; without one a transport error is raised at once.
+        """
+        self.record_outcome(
+            model_outputs, features, actual_direction=actual_direction, event_id=event_id
+        )
+
+    def get_training_stats(self) -> dict[str, Any]:
+        """The same dict as `stats()`: `TransformerFusion.get_training_stats()`'s keys and more."""
+        return self.stats()
+
+    def get_attention_weights(self) -> dict[str, float]:
+        """Expert name -> attention weight, averaged by the service over recent fused forecasts."""
+        return self.stats()["attention"]
+
+    def save(self, path: str | os.PathLike[str]) -> CheckpointInfo:
+        """`checkpoint_save(name=path)`: `path` is a checkpoint name on the service, not a path."""
+        return self.checkpoint_save(name=os.fspath(path))
+
+    def load(self, path: str | os.PathLike[str]) -> CheckpointInfo:
+        """`checkpoint_restore(path)`: `path` is a checkpoint name on the service, not a path."""
+        return self.checkpoint_restore(os.fspath(path))
