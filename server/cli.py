@@ -1,2 +1,162 @@
-def main():
-    raise SystemExit("not yet")
+"""`titan-fusion`: run the service and talk to it.
+
+    titan-fusion serve [--port P] [--metrics-port M] [--data-dir D] [--config FILE] [--fusion.<name> V ...]
+    titan-fusion health [--target HOST:PORT]       exit 0 when SERVING (for container health checks)
+    titan-fusion stats  [--target HOST:PORT]       training statistics and counters, as JSON
+    titan-fusion demo   [--target HOST:PORT] [--events N] [--seed S]
+                                                   stream synthetic experts and outcomes through a
+                                                   running service; fused vs average accuracy
+
+Only `serve` imports torch; the other commands need grpcio and protobuf (and tqdm for the demo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .errors import ConfigError, FusionError
+    from .settings import settings_from_args
+    try:
+        config = settings_from_args(ns)
+    except ConfigError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+    torch.set_num_threads(1)  # bit-reproducible training; no contention with the gRPC threads
+    from .service import create_server
+    try:
+        service, port = create_server(config)
+    except FusionError as e:
+        logging.getLogger("titan_fusion.server").error("%s", e)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ready_written = False
+    while not stop.wait(0.2):
+        if service.owner.failed is not None:
+            logging.getLogger("titan_fusion.server").error("the model could not be recovered; exiting")
+            service.stop(0)
+            return 1
+        if ns.ready_file and not ready_written and service.owner.ready.is_set():
+            tmp = ns.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"port": port, "metrics_port": service.metrics_port, "pid": os.getpid()}, f)
+            os.replace(tmp, ns.ready_file)
+            ready_written = True
+    service.stop()
+    return 0
+
+
+def _health(ns: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(ns.target) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=ns.service),
+                                                            timeout=ns.timeout)
+        except grpc.RpcError as e:
+            print(f"{ns.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{ns.target}: {status}")
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _stats(ns: argparse.Namespace) -> int:
+    from titan_fusion.client import FusionClient, FusionClientError
+    with FusionClient(ns.target, timeout=ns.timeout) as client:
+        try:
+            stats = client.stats()
+        except FusionClientError as e:
+            print(f"{ns.target}: {e}", file=sys.stderr)
+            return 1
+    print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from titan_fusion.client import FusionClient, FusionClientError
+
+    from .synthetic import informative_stream
+    run = f"demo-{int(time.time())}"
+    fused = avg = scored = 0
+    loss_fused = loss_avg = 0.0
+    with FusionClient(ns.target, timeout=ns.timeout, fallback=False) as client:
+        bar = tqdm(informative_stream(ns.seed, ns.events), total=ns.events, unit="event", mininterval=0.5)
+        try:
+            for i, (experts, features, direction) in enumerate(bar):
+                event_id = f"{run}:{i}"
+                p = client.predict(experts, features, event_id=event_id)
+                mean = sum(e["prob_up"] for e in experts) / len(experts)
+                up = direction == "UP"
+                if p.source == "fusion":
+                    scored += 1
+                    fused += (p.prob_up > 0.5) == up
+                    avg += (mean > 0.5) == up
+                    loss_fused -= math.log(max(p.prob_up if up else p.prob_down, 1e-12))
+                    loss_avg -= math.log(max(mean if up else 1.0 - mean, 1e-12))
+                    bar.set_postfix_str(f"fused {fused / scored:.3f} vs average {avg / scored:.3f} "
+                                        f"over {scored}", refresh=False)
+                else:
+                    bar.set_postfix_str(f"{p.source} ({p.reason})", refresh=False)
+                client.record_outcome(actual_direction=direction, event_id=event_id)
+        except FusionClientError as e:
+            print(f"\n{ns.target}: {e}", file=sys.stderr)
+            return 1
+    if scored:
+        print(f"fused forecasts: {scored}; accuracy fused {fused / scored:.3f}, plain average {avg / scored:.3f}; "
+              f"log loss fused {loss_fused / scored:.4f}, plain average {loss_avg / scored:.4f}")
+    else:
+        print("the service is still warming up (fewer than min_samples outcomes): send more events")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="titan-fusion", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the gRPC service",
+                           description="Run the service. Configuration: defaults < TOML file < "
+                                       "environment (TITAN_FUSION_*) < these flags.")
+    from .settings import add_arguments
+    add_arguments(serve)
+    serve.add_argument("--ready-file", metavar="PATH",
+                       help="write {port, metrics_port, pid} as JSON here once the service is SERVING")
+    for name, help_ in (("health", "exit 0 if the service is SERVING"),
+                        ("stats", "print the service's statistics as JSON"),
+                        ("demo", "stream synthetic events through a running service")):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT of the service (default {DEFAULT_TARGET})")
+        p.add_argument("--timeout", type=float, default=2.0, help="deadline of each call, seconds (default 2)")
+        if name == "health":
+            p.add_argument("--service", default="", help="service name to check (default: the server as a whole)")
+        if name == "demo":
+            p.add_argument("--events", type=int, default=3000, help="events to stream (default 3000)")
+            p.add_argument("--seed", type=int, default=0, help="seed of the synthetic stream (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "serve":
+        return _serve(ns, parser)
+    return {"health": _health, "stats": _stats, "demo": _demo}[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,10 @@
     ├── CheckpointError                 a checkpoint is missing, corrupt or incompatible
     │   ├── CheckpointNotFoundError
     │   └── IncompatibleCheckpointError
-    ├── OverloadedError                 the owner's queue is full
-    └── ShuttingDownError               the service is draining
+    ├── OverloadedError                 a queue is full
+    ├── NotReadyError                   the service is still recovering its model
+    ├── ShuttingDownError               the service is draining
+    └── DeadlineExpiredError            the caller's deadline passed before the work started
 
 The service maps these to gRPC status codes in one place (server/service.py).
 """
@@ -60,3 +62,11 @@ class OverloadedError(FusionError):
 
 class ShuttingDownError(FusionError):
     """The service is draining and takes no new work."""
+
+
+class NotReadyError(FusionError):
+    """The service is still loading its checkpoint and replaying its journal."""
+
+
+class DeadlineExpiredError(FusionError):
+    """The caller's deadline passed while the work waited; it was not done."""

@@ -16,6 +16,9 @@ from .errors import FusionInputError
 # prob_up + prob_down may differ from 1 by this much (experts round their outputs).
 PROB_SUM_TOLERANCE = 1e-3
 MAX_NAME_LENGTH = 128
+MAX_EXPERTS = 64
+MAX_FEATURES = 256
+MAX_EVENT_ID_LENGTH = 256
 DIRECTIONS = {"UP": 1, "DOWN": 0}
 
 
@@ -63,6 +66,8 @@ def parse_experts(model_outputs: Any, field: str = "model_outputs") -> tuple[Exp
         raise FusionInputError(field, f"must be a list of expert outputs, got {type(model_outputs).__name__}")
     if len(model_outputs) == 0:
         raise FusionInputError(field, "is empty: at least one expert output is required")
+    if len(model_outputs) > MAX_EXPERTS:
+        raise FusionInputError(field, f"has {len(model_outputs)} experts; at most {MAX_EXPERTS}")
     experts = []
     seen: dict[str, int] = {}
     for i, out in enumerate(model_outputs):
@@ -99,6 +104,8 @@ def parse_features(features: Any, field: str = "features") -> dict[str, float]:
         return {}
     if not isinstance(features, Mapping):
         raise FusionInputError(field, f"must be a mapping of name to number, got {type(features).__name__}")
+    if len(features) > MAX_FEATURES:
+        raise FusionInputError(field, f"has {len(features)} features; at most {MAX_FEATURES}")
     out: dict[str, float] = {}
     for name, value in features.items():
         if not isinstance(name, str) or not name:
@@ -114,6 +121,19 @@ def parse_direction(direction: Any, field: str = "actual_direction") -> int:
     if isinstance(direction, str) and direction.strip().upper() in DIRECTIONS:
         return DIRECTIONS[direction.strip().upper()]
     raise FusionInputError(field, f'must be "UP" or "DOWN", got {direction!r}')
+
+
+def parse_event_id(event_id: Any, field: str = "event_id") -> str:
+    """A caller's key for a candle: "" (none) or at most 256 printable characters."""
+    if event_id is None:
+        return ""
+    if not isinstance(event_id, str):
+        raise FusionInputError(field, f"must be a string, got {type(event_id).__name__}")
+    if len(event_id) > MAX_EVENT_ID_LENGTH:
+        raise FusionInputError(field, f"longer than {MAX_EVENT_ID_LENGTH} characters")
+    if not event_id.isprintable():
+        raise FusionInputError(field, "has non-printable characters")
+    return event_id
 
 
 def plain_average(experts: Sequence[Expert]) -> float:

@@ -321,6 +321,16 @@ class TransformerFusion:
         return self._outcomes >= self.config.min_samples
 
     @property
+    def samples_trained(self) -> int:
+        """Outcomes learned so far."""
+        return self._outcomes
+
+    @property
+    def schema(self) -> Schema:
+        """Which experts and features events must carry (see inference.Schema)."""
+        return self._schema()
+
+    @property
     def version(self) -> int:
         """Training steps so far: the version of the model that serves."""
         return self._steps

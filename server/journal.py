@@ -1,0 +1,149 @@
+"""The outcome journal: an embedded SQLite database (WAL mode) in the data directory.
+
+Tables
+- `outcomes(seq, event_id, payload, label, recorded_at)`: every accepted outcome, in the order the
+  model learned it. `seq` is the sequence number that checkpoints record as applied; `event_id` is
+  unique, which is how a repeated outcome is recognised, across restarts too. An outcome is
+  committed (fsynced: `synchronous=FULL`) before RecordOutcome is acknowledged; the outcomes queued
+  together share one transaction.
+- `predictions(event_id, payload, predicted_at)`: the inputs of served Predicts that carried an
+  event_id, so that RecordOutcome may send the event_id alone, within the configured horizon.
+
+Retention: outcomes older than what the newest checkpoint covers are pruned down to the last
+`keep_outcomes` (their event_ids stay recognised as duplicates for that long), predictions past the
+horizon are pruned. One connection, used by the model-owner thread only.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .events import Expert
+from .inference import Event
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT UNIQUE,
+    payload     TEXT NOT NULL,
+    label       INTEGER NOT NULL CHECK (label IN (0, 1)),
+    recorded_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    event_id     TEXT PRIMARY KEY,
+    payload      TEXT NOT NULL,
+    predicted_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
+"""
+
+
+def encode_event(ev: Event) -> str:
+    """Compact JSON for an event; floats round-trip exactly (repr)."""
+    return json.dumps({"e": [[x.prob_up, x.confidence, x.name] for x in ev.experts],
+                       "f": dict(ev.features)}, separators=(",", ":"))
+
+
+def decode_event(payload: str) -> Event:
+    d = json.loads(payload)
+    return Event(tuple(Expert(prob_up=p, confidence=c, name=n) for p, c, n in d["e"]), d["f"])
+
+
+@dataclass(frozen=True)
+class JournaledOutcome:
+    seq: int
+    event_id: str | None
+    event: Event
+    label: int
+
+
+class Journal:
+    def __init__(self, path: str | Path, *, horizon_seconds: float = 86_400.0, keep_outcomes: int = 1_000_000):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.horizon_seconds = horizon_seconds
+        self.keep_outcomes = keep_outcomes
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------------ outcomes
+    def append_outcomes(self, items: Sequence[tuple[str | None, Event, int]]) -> list[int | None]:
+        """Commit outcomes in one transaction. Returns each one's seq, or None for a duplicate
+        event_id (already journaled, or earlier in the same batch)."""
+        seqs: list[int | None] = []
+        now = time.time()
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for event_id, event, label in items:
+                cur.execute("INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at) VALUES (?, ?, ?, ?)",
+                            (event_id, encode_event(event), label, now))
+                seqs.append(cur.lastrowid if cur.rowcount == 1 else None)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return seqs
+
+    def has_outcome(self, event_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM outcomes WHERE event_id = ?", (event_id,)).fetchone() is not None
+
+    def outcomes_after(self, seq: int) -> Iterator[JournaledOutcome]:
+        """Outcomes with a sequence number above `seq`, in order: what a checkpoint has not seen."""
+        for s, event_id, payload, label in self._db.execute(
+                "SELECT seq, event_id, payload, label FROM outcomes WHERE seq > ? ORDER BY seq", (seq,)):
+            yield JournaledOutcome(s, event_id, decode_event(payload), label)
+
+    def last_seq(self) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM outcomes").fetchone()
+        if row[0] is not None:
+            return int(row[0])
+        # all outcomes pruned: AUTOINCREMENT still remembers the highest seq ever given
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outcomes'").fetchone()
+        return int(row[0]) if row else 0
+
+    def count_outcomes(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0])
+
+    # ------------------------------------------------------------------ predictions
+    def remember_predictions(self, items: Sequence[tuple[str, Event]]) -> None:
+        """Keep Predict inputs by event_id (the latest wins); asynchronous durability is enough."""
+        now = time.time()
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO predictions (event_id, payload, predicted_at) VALUES (?, ?, ?)",
+                                 [(eid, encode_event(ev), now) for eid, ev in items])
+
+    def predicted_event(self, event_id: str) -> Event | None:
+        """The inputs of the Predict that carried this event_id, if within the horizon."""
+        row = self._db.execute("SELECT payload, predicted_at FROM predictions WHERE event_id = ?", (event_id,)).fetchone()
+        if row is None or row[1] < time.time() - self.horizon_seconds:
+            return None
+        return decode_event(row[0])
+
+    def count_predictions(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    # ------------------------------------------------------------------ retention
+    def prune(self, applied_seq: int) -> tuple[int, int]:
+        """Drop predictions past the horizon, and outcomes already in a checkpoint (seq <=
+        `applied_seq`) beyond the newest `keep_outcomes`. Returns (outcomes, predictions) dropped."""
+        with self._db:
+            cutoff = self.last_seq() - self.keep_outcomes
+            o = self._db.execute("DELETE FROM outcomes WHERE seq <= ? AND seq <= ?",
+                                 (applied_seq, cutoff)).rowcount
+            p = self._db.execute("DELETE FROM predictions WHERE predicted_at < ?",
+                                 (time.time() - self.horizon_seconds,)).rowcount
+        return o, p
+
+    def stats(self) -> dict[str, Any]:
+        return {"journal_last_seq": self.last_seq(), "journal_outcomes": self.count_outcomes(),
+                "journal_predictions": self.count_predictions()}

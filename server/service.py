@@ -1,0 +1,338 @@
+"""The gRPC service: a thin servicer over the model owner, and the server's lifecycle.
+
+The servicer validates, converts proto to domain types, delegates to the Predictor (Predict) or
+the ModelOwner (everything that changes state), and converts back. Domain errors become status
+codes in ONE place, `_rpc`:
+
+    FusionInputError             INVALID_ARGUMENT   (the message names the field)
+    UnknownEventError            NOT_FOUND
+    CheckpointNotFoundError      NOT_FOUND
+    IncompatibleCheckpointError  FAILED_PRECONDITION
+    OverloadedError              RESOURCE_EXHAUSTED (gRPC itself answers it for oversized messages)
+    NotReadyError, ShuttingDownError   UNAVAILABLE
+    DeadlineExpiredError         DEADLINE_EXCEEDED  (the work was not done)
+    anything else                INTERNAL, with a generic message; the trace goes to the log
+
+    >>> from titan_fusion.server.settings import ServiceConfig
+    >>> service, port = create_server(ServiceConfig(port=0, metrics_port=-1, data_dir=tmp))  # doctest: +SKIP
+    >>> service.wait_ready(10); service.stop()  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import fcntl
+import functools
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from titan_fusion.client.client import SERVER_KEEPALIVE_OPTIONS
+from titan_fusion.client.pb import fusion_pb2 as pb
+from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+
+from .errors import (CheckpointError, CheckpointNotFoundError, DeadlineExpiredError, FusionError,
+                     FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
+                     ShuttingDownError, UnknownEventError)
+from .events import parse_event_id, parse_experts, parse_features
+from .fusion import TransformerFusion
+from .inference import Event, Prediction
+from .journal import Journal
+from .metrics import Metrics
+from .owner import ModelOwner, OutcomeAck, Predictor, Published
+from .settings import ServiceConfig
+from .store import CheckpointInfo, CheckpointStore
+
+log = logging.getLogger("titan_fusion.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FusionService"].full_name  # titan.fusion.v1.FusionService
+
+# Most specific first: the first match wins.
+STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (UnknownEventError, grpc.StatusCode.NOT_FOUND),
+    (FusionInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CheckpointNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (IncompatibleCheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
+    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+SOURCE_TO_PB = {"fusion": pb.SOURCE_FUSION, "average": pb.SOURCE_AVERAGE, None: pb.SOURCE_UNSPECIFIED}
+REASON_TO_PB = {None: pb.FALLBACK_REASON_UNSPECIFIED, "disabled": pb.FALLBACK_REASON_DISABLED,
+                "warming_up": pb.FALLBACK_REASON_WARMING_UP,
+                "wrong_expert_count": pb.FALLBACK_REASON_WRONG_EXPERT_COUNT,
+                "underperforming": pb.FALLBACK_REASON_UNDERPERFORMING}
+DIRECTION_FROM_PB = {pb.DIRECTION_UP: 1, pb.DIRECTION_DOWN: 0}
+
+
+def status_of(e: Exception) -> grpc.StatusCode:
+    for cls, code in STATUS_OF:
+        if isinstance(e, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _rpc(method: str) -> Callable:
+    """Map errors to status codes and record latency and errors: the one place for both."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def handler(self: "FusionServicer", request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code: grpc.StatusCode | None = None
+            try:
+                return fn(self, request, context)
+            except FusionError as e:
+                code = status_of(e)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", method)
+                    message = "internal error; see the server log"
+                else:
+                    message = str(e)
+            except Exception:
+                code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+                log.exception("%s failed", method)
+            finally:
+                self._metrics.observe_rpc(method, time.perf_counter() - started, code.name if code else None)
+            self._counters.add("errors")
+            context.abort(code, message)
+        return handler
+    return decorate
+
+
+class _Counters:
+    """The service's own counters for Stats (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values = {"predictions": 0, "outcomes": 0, "duplicates": 0, "errors": 0}
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.values[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.values)
+
+
+def event_from_proto(experts: Any, features: Any) -> Event:
+    outputs = [{"prob_up": e.prob_up if e.HasField("prob_up") else None,
+                "prob_down": e.prob_down if e.HasField("prob_down") else None,
+                "confidence": e.confidence if e.HasField("confidence") else None,
+                "name": e.name or None} for e in experts]
+    return Event(parse_experts(outputs, field="experts"), parse_features(dict(features)))
+
+
+def prediction_to_proto(p: Prediction, event_id: str) -> pb.PredictResponse:
+    return pb.PredictResponse(
+        prob_up=p.prob_up, prob_down=p.prob_down, source=SOURCE_TO_PB[p.source], reason=REASON_TO_PB[p.reason],
+        attention=[pb.ExpertWeight(name=n, weight=w) for n, w in p.attention.items()],
+        model_version=p.model_version, event_id=event_id)
+
+
+def checkpoint_to_proto(i: CheckpointInfo) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(name=i.name, samples_trained=i.samples_trained, train_steps=i.train_steps,
+                             created_at=i.created_at, size_bytes=i.size_bytes)
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _wait(fut: futures.Future, deadline: float | None) -> Any:
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        return fut.result(timeout)
+    except futures.TimeoutError:
+        raise DeadlineExpiredError("the deadline passed before the model owner answered") from None
+
+
+class FusionServicer(pb_grpc.FusionServiceServicer):
+    def __init__(self, owner: ModelOwner, predictor: Predictor, metrics: Metrics, counters: _Counters,
+                 started: float):
+        self._owner, self._predictor, self._metrics, self._counters = owner, predictor, metrics, counters
+        self._started = started
+
+    @_rpc("Predict")
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        event = event_from_proto(request.experts, request.features)
+        event_id = parse_event_id(request.event_id)
+        p = self._predictor.predict(event, event_id, _deadline(context))
+        self._counters.add("predictions")
+        return prediction_to_proto(p, event_id)
+
+    @_rpc("RecordOutcome")
+    def RecordOutcome(self, request: pb.RecordOutcomeRequest, context: grpc.ServicerContext) -> pb.RecordOutcomeResponse:
+        label = DIRECTION_FROM_PB.get(request.actual_direction)
+        if label is None:
+            raise FusionInputError("actual_direction", "must be DIRECTION_UP or DIRECTION_DOWN, got "
+                                   f"{pb.Direction.Name(request.actual_direction) if request.actual_direction in pb.Direction.values() else request.actual_direction}")
+        event_id = parse_event_id(request.event_id)
+        if request.experts:
+            event = event_from_proto(request.experts, request.features)
+        elif request.features:
+            raise FusionInputError("experts", "features were sent without experts")
+        elif not event_id:
+            raise FusionInputError("experts", "required, unless event_id names an earlier Predict")
+        else:
+            event = None
+        ack: OutcomeAck = _wait(self._owner.submit("outcome", (event, event_id, label), _deadline(context)),
+                                _deadline(context))
+        self._counters.add("duplicates" if ack.duplicate else "outcomes")
+        return pb.RecordOutcomeResponse(duplicate=ack.duplicate, samples_trained=ack.samples_trained,
+                                        model_version=ack.model_version, used_predict_inputs=ack.used_predict_inputs)
+
+    @_rpc("Stats")
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        pub: Published | None = self._owner.published
+        if pub is None:
+            raise NotReadyError("the service is starting: loading its checkpoint and replaying its journal")
+        s = dict(pub.stats)
+        names = pub.snapshot.schema.names
+        s["avg_attention_entropy"] = pub.serving.avg_entropy(len(names))
+        s["last_source"], s["last_reason"] = pub.serving.last_source, pub.serving.last_reason
+        training = pb.TrainingStats(**{k: v for k, v in s.items() if k not in ("last_source", "last_reason")},
+                                    last_source=SOURCE_TO_PB[s["last_source"]], last_reason=REASON_TO_PB[s["last_reason"]])
+        c = self._counters.snapshot()
+        service = pb.ServiceStats(**c, queue_depth=self._owner.queue_depth + self._predictor.depth,
+                                  uptime_seconds=time.monotonic() - self._started, last_checkpoint=pub.last_checkpoint)
+        attention = [pb.ExpertWeight(name=n, weight=w) for n, w in pub.serving.weights(names).items()]
+        return pb.StatsResponse(training=training, attention=attention, service=service)
+
+    @_rpc("Checkpoint")
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
+        A = pb.CheckpointRequest
+        kind = {A.ACTION_SAVE: "save", A.ACTION_RESTORE: "restore", A.ACTION_LIST: "list"}.get(request.action)
+        if kind is None:
+            raise FusionInputError("action", "must be ACTION_SAVE, ACTION_RESTORE or ACTION_LIST")
+        if kind == "restore" and not request.name:
+            raise FusionInputError("name", "required to restore a checkpoint")
+        if kind == "list" and request.name:
+            raise FusionInputError("name", "must be empty to list checkpoints")
+        infos = _wait(self._owner.submit(kind, request.name, _deadline(context)), _deadline(context))
+        if kind != "list":
+            self._metrics.count_checkpoint(kind)
+        return pb.CheckpointResponse(checkpoints=[checkpoint_to_proto(i) for i in infos])
+
+
+class DataDirLock:
+    """One service per data directory: two owners would interleave one journal."""
+
+    def __init__(self, data_dir: Path):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise FusionError(f"another titan-fusion service is using the data directory {data_dir}") from None
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+class FusionService:
+    """Owns everything a running service has: the gRPC server, health, metrics, owner, journal."""
+
+    def __init__(self, config: ServiceConfig, *, registry: Any = None):
+        self.config = config
+        data = Path(config.data_dir)
+        self._lock = DataDirLock(data)
+        self.metrics = Metrics(registry)
+        self.counters = _Counters()
+        self.fusion = TransformerFusion(config.fusion, n_models=config.n_models)
+        self.journal = Journal(data / "journal.sqlite3", horizon_seconds=config.event_horizon_seconds)
+        self.store = CheckpointStore(data / "checkpoints", keep=config.checkpoints_keep)
+        self.owner = ModelOwner(self.fusion, self.journal, self.store, queue_size=config.queue_size,
+                                checkpoint_every=config.checkpoint_every, on_publish=self._published,
+                                on_outcome=lambda dup: self.metrics.count_outcome(dup))
+        self.predictor = Predictor(self.owner, max_pending=config.predict_queue_size,
+                                   on_predictions=self._predicted)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        options = [*SERVER_KEEPALIVE_OPTIONS,
+                   ("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                                             thread_name_prefix="grpc"), options=options)
+        self._started = time.monotonic()
+        pb_grpc.add_FusionServiceServicer_to_server(
+            FusionServicer(self.owner, self.predictor, self.metrics, self.counters, self._started), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise FusionError(f"cannot listen on {config.host}:{config.port}")
+        self.metrics_port: int | None = None
+        self._stopped = False
+
+    def _published(self, pub: Published) -> None:
+        self.metrics.observe_training(pub.stats)
+        self.metrics.observe_attention(pub.serving.weights(pub.snapshot.schema.names))
+        self.metrics.set_queue_depth("owner", self.owner.queue_depth)
+
+    def _predicted(self, preds: list) -> None:
+        for p in preds:
+            if isinstance(p, Prediction):
+                self.metrics.count_prediction(p.source, p.reason)
+        self.metrics.set_queue_depth("predict", self.predictor.depth)
+
+    def start(self) -> "FusionService":
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.metrics_port >= 0:
+            _, self.metrics_port = self.metrics.start_http_server(self.config.metrics_port, self.config.metrics_host)
+        self.server.start()
+        self.owner.start()
+        threading.Thread(target=self._announce_ready, name="ready-watch", daemon=True).start()
+        log.info("titan-fusion listening on %s:%d (metrics on %s), data in %s", self.config.host, self.port,
+                 f"{self.config.metrics_host}:{self.metrics_port}" if self.metrics_port else "off",
+                 self.config.data_dir)
+        return self
+
+    def _announce_ready(self) -> None:
+        while not self.owner.ready.wait(0.05):
+            if self.owner.failed is not None or self._stopped:
+                return
+        if not self._stopped:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving: %d outcomes learned, model version %d", self.fusion.samples_trained, self.fusion.version)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once the model is recovered and the service SERVING; False on timeout or failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.owner.ready.wait(0.05):
+            if self.owner.failed is not None or (deadline is not None and time.monotonic() > deadline):
+                return False
+        return True
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, stop accepting, let in-flight calls finish (up to
+        `grace` seconds), then stop the owner, which saves a checkpoint of anything unsaved."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.owner.stop(checkpoint=True)
+        self.journal.close()
+        self.metrics.stop()
+        self._lock.release()
+        log.info("stopped")
+
+
+def create_server(config: ServiceConfig, *, registry: Any = None) -> tuple[FusionService, int]:
+    """Build and start the service; returns it and the port it really listens on (port 0 picks one)."""
+    service = FusionService(config, registry=registry).start()
+    return service, service.port
