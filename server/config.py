@@ -31,7 +31,7 @@ class FusionConfig:
     min_samples: int = 200  # outcomes learned before the fusion serves and training starts
     val_split: float = 0.2  # share of outcomes held out for validation
     gradient_clip: float = 1.0  # max global gradient norm
-    early_stopping_patience: int = 50  # training steps without a val-loss improvement before stopping
+    early_stopping_patience: int = 50  # validation checks without a val-loss improvement before stopping
     early_stopping_delta: float = 0.001  # smallest val-loss decrease that counts as an improvement
 
     # --- what the design adds -------------------------------------------------------------------

@@ -19,7 +19,9 @@ The seven guards against overfitting:
 1. dropout (`dropout`) in attention, feed-forward and pooling, on in training, off in prediction;
 2. L2 as AdamW weight decay (`l2_lambda`) on weight matrices and embeddings, not biases or norms;
 3. early stopping: when the validation loss has not improved by `early_stopping_delta` for
-   `early_stopping_patience` steps, the best weights seen are restored, `is_overfitting` turns
+   `early_stopping_patience` validation checks (one every `val_every` steps, so 50 x 10 = 500
+   steps by default: patience counts evaluations, as in Keras and Lightning), the best weights
+   seen are restored, `is_overfitting` turns
    true, and training pauses. New outcomes are still buffered. Once `early_stopping_resume` fresh
    validation outcomes have arrived, the restored weights are scored on them, that score becomes
    the new best, `is_overfitting` turns false, and training resumes. So `is_overfitting` means
@@ -202,6 +204,7 @@ class TransformerFusion:
         self._val_loss = math.nan
         self._best_val_loss = math.inf
         self._best_step = 0
+        self._checks_since_best = 0  # validation checks without an improvement of the val loss
         self._paused_at_val_seen: int | None = None  # set while early stopping has paused training
         self._early_stops = 0
         self._last_grad_norm = math.nan
@@ -251,7 +254,7 @@ class TransformerFusion:
             "avg_attention_entropy": self._serving.avg_entropy(self.n_models),
             "train_steps": self._steps,
             "best_val_loss": self._best_val_loss,
-            "patience_counter": self._steps - self._best_step if self._outcomes >= c.min_samples else 0,
+            "patience_counter": self._checks_since_best,
             "early_stops": self._early_stops,
             "train_buffer_size": len(self._train) if self._train else 0,
             "val_buffer_size": len(self._val) if self._val else 0,
@@ -285,7 +288,8 @@ class TransformerFusion:
             "expert_names": list(self._expert_names) if self._expert_names else None,
             "feature_names": list(self._feature_names) if self._feature_names is not None else None,
             "counters": {"outcomes": self._outcomes, "steps": self._steps, "val_seen": self._val_seen,
-                         "best_step": self._best_step, "paused_at_val_seen": self._paused_at_val_seen,
+                         "best_step": self._best_step, "checks_since_best": self._checks_since_best,
+                         "paused_at_val_seen": self._paused_at_val_seen,
                          "early_stops": self._early_stops},
             "val_loss": _jsonable(self._val_loss),
             "best_val_loss": _jsonable(self._best_val_loss),
@@ -482,8 +486,11 @@ class TransformerFusion:
         if v < self._best_val_loss - c.early_stopping_delta:
             self._best_val_loss = v
             self._best_step = self._steps
+            self._checks_since_best = 0
             self._best_net = copy.deepcopy(self._net.state_dict())
-        elif self._steps - self._best_step >= c.early_stopping_patience:
+            return
+        self._checks_since_best += 1
+        if self._checks_since_best >= c.early_stopping_patience:
             # Early stopping: back to the best weights, pause until fresh validation data arrives.
             if self._best_net is not None:
                 self._net.load_state_dict(self._best_net)
@@ -496,6 +503,7 @@ class TransformerFusion:
         self._paused_at_val_seen = None
         self._val_loss = self._best_val_loss = self._val_loss_now()
         self._best_step = self._steps
+        self._checks_since_best = 0
         self._best_net = copy.deepcopy(self._net.state_dict())
 
     def _restore(self, tensors: Mapping[str, Any], state: Mapping[str, Any]) -> None:
@@ -532,6 +540,7 @@ class TransformerFusion:
         k = state["counters"]
         self._outcomes, self._steps, self._val_seen = int(k["outcomes"]), int(k["steps"]), int(k["val_seen"])
         self._best_step, self._early_stops = int(k["best_step"]), int(k["early_stops"])
+        self._checks_since_best = int(k["checks_since_best"])
         self._paused_at_val_seen = k["paused_at_val_seen"]
         self._val_loss = _float(state["val_loss"])
         self._best_val_loss = _float(state["best_val_loss"])

@@ -144,8 +144,12 @@ def checkpoint_to_proto(i: CheckpointInfo) -> pb.CheckpointInfo:
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic(); None when the caller set none (gRPC then reports
+    an enormous time remaining, which no timed wait accepts)."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    if remaining is None or remaining > 10 * 365 * 86400:
+        return None
+    return time.monotonic() + remaining
 
 
 def _wait(fut: futures.Future, deadline: float | None) -> Any:

@@ -134,7 +134,7 @@ FUSION_HELP: dict[str, str] = {
     "min_samples": "outcomes learned before the fusion serves and training starts",
     "val_split": "share of outcomes held out for validation",
     "gradient_clip": "max global gradient norm",
-    "early_stopping_patience": "training steps without a val-loss improvement before early stopping",
+    "early_stopping_patience": "validation checks (one every val_every steps) without a val-loss improvement before early stopping",
     "early_stopping_delta": "smallest val-loss decrease that counts as an improvement",
     "expert_names": "names of the experts, in order; empty: the first event whose experts are all "
                     "named fixes them (until then model_0, model_1, ...)",

@@ -1,0 +1,339 @@
+"""`make bench`: what titan-fusion costs, beside the floors it cannot beat, measured in one run.
+
+Floors, measured in the same run and on the same stack:
+- in-process: the same TransformerFusion API serving the plain average (fusion.enabled = false),
+  and update() before min_samples (validation and buffering, no training step);
+- over gRPC: a bare echo service (Python grpcio, bytes in, bytes out, no protobuf, no model) in its
+  own process, like the fusion service. Latency blocks of echo and Predict alternate, so that drift
+  of this noisy machine hits both alike.
+
+Figures: in-process forward and training step; Predict p50/p99 one call at a time; Predict p99
+while another process records outcomes as fast as the service takes them (training at full rate);
+throughput and p99 with 1, 8 and 32 calls in flight (grpc.aio); RecordOutcome throughput; the
+server's resident memory. Prints a table with ratios, writes JSON (bench-results/bench.json).
+Timings are never asserted in tests; they are recorded in docs/PERFORMANCE.md.
+
+    python -m titan_fusion.server.bench [--quick] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+ECHO_METHOD = "/titan.bench.Echo/Echo"
+
+
+# ---------------------------------------------------------------- the echo floor (own process)
+def serve_echo(ready_file: str) -> None:
+    import grpc
+    from titan_fusion.client.client import SERVER_KEEPALIVE_OPTIONS
+    handler = grpc.method_handlers_generic_handler(
+        "titan.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=list(SERVER_KEEPALIVE_OPTIONS))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(ready_file).write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    server.wait_for_termination()
+
+
+# ---------------------------------------------------------------- outcome load (own process)
+def outcome_load(target: str, seconds: float, seed: int) -> None:
+    """Record outcomes back to back for `seconds`: the service trains at full rate."""
+    from titan_fusion.client import FusionClient
+    from titan_fusion.server.synthetic import informative_stream
+    n = 0
+    deadline = time.monotonic() + seconds
+    with FusionClient(target, timeout=10) as client:
+        for i, (experts, feats, direction) in enumerate(informative_stream(seed, 10**9)):
+            if time.monotonic() > deadline:
+                break
+            client.record_outcome(experts, feats, actual_direction=direction, event_id=f"load-{seed}-{i}")
+            n += 1
+    print(json.dumps({"outcomes": n, "seconds": seconds}))
+
+
+# ---------------------------------------------------------------- helpers
+def percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    q = lambda p: s[min(len(s) - 1, int(p * len(s)))]  # noqa: E731
+    return {"n": len(s), "p50_us": q(0.50) * 1e6, "p99_us": q(0.99) * 1e6, "mean_us": statistics.fmean(s) * 1e6}
+
+
+def _spawn(args: list[str], ready_file: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not ready_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode() if proc.poll() is not None else "timeout"
+            proc.kill()
+            raise RuntimeError(f"{args[:4]} did not start: {err[-2000:]}")
+        time.sleep(0.05)
+    return proc, json.loads(ready_file.read_text())
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import grpc
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "grpcio": grpc.__version__, "platform": platform.platform()}
+
+
+# ---------------------------------------------------------------- in-process
+def bench_in_process(quick: bool) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    from titan_fusion.server.fusion import TransformerFusion
+    from titan_fusion.server.synthetic import informative_stream
+    events = list(informative_stream(7, 3000))
+    fusion = TransformerFusion(n_models=4)
+    for e, f, d in events[:400]:
+        fusion.update(e, f, d)
+    average = TransformerFusion(n_models=4, config={"enabled": False})
+    experts, feats, _ = events[401]
+    n = 2000 if quick else 10000
+
+    def timed(fn, n):
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+    fusion.forward(experts, feats)
+    res = {"forward": percentiles(timed(lambda: fusion.forward(experts, feats), n)),
+           "forward_average_floor": percentiles(timed(lambda: average.forward(experts, feats), n))}
+    # a training step of batch 32, as update() runs it (dropout RNG swapped in, as in learn())
+    steps = 300 if quick else 1500
+    torch.set_rng_state(fusion._torch_rng)
+    res["train_step_batch32"] = percentiles(timed(fusion._step, steps))
+    # update() with its training step, against update() before min_samples (no step): the floor
+    it = iter(events[400:])
+    res["update_with_step"] = percentiles(timed(lambda: fusion.update(*next(it)), min(steps, 2000)))
+    cold = TransformerFusion(n_models=4, config={"min_samples": 10**9})
+    it2 = iter(events)
+    res["update_no_training_floor"] = percentiles(timed(lambda: cold.update(*next(it2)), min(steps, 2000)))
+    return res
+
+
+# ---------------------------------------------------------------- over gRPC
+def _sequential(call, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def _in_flight(make_call, concurrency: int, seconds: float) -> dict:
+    lat: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def worker():
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            await make_call()
+            lat.append(time.perf_counter() - t)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    return {"concurrency": concurrency, "calls_per_s": len(lat) / elapsed, **percentiles(lat)}
+
+
+def bench_grpc(quick: bool, tmp: Path) -> dict:
+    import grpc
+
+    from titan_fusion.client.client import CHANNEL_OPTIONS
+    from titan_fusion.client.pb import fusion_pb2 as pb
+    from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+    from titan_fusion.server.synthetic import informative_stream
+
+    py = sys.executable
+    echo_proc, echo = _spawn([py, "-m", "titan_fusion.server.bench", "--echo-server", str(tmp / "echo.json")],
+                             tmp / "echo.json")
+    fusion_proc, fus = _spawn([py, "-m", "titan_fusion.server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+                               "--data-dir", str(tmp / "data"), "--ready-file", str(tmp / "fusion.json"),
+                               "--log-level", "WARNING", "--checkpoint-every", "0"], tmp / "fusion.json")
+    res: dict = {}
+    try:
+        target = f"127.0.0.1:{fus['port']}"
+        echo_target = f"127.0.0.1:{echo['port']}"
+        channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        echo_channel = grpc.insecure_channel(echo_target, options=list(CHANNEL_OPTIONS))
+        stub = pb_grpc.FusionServiceStub(channel)
+        echo_call = echo_channel.unary_unary(ECHO_METHOD)
+        events = list(informative_stream(3, 1500))
+
+        def to_req(e, f):
+            return pb.PredictRequest(experts=[pb.ExpertForecast(name=x["name"], prob_up=x["prob_up"]) for x in e],
+                                     features=f)
+        for i, (e, f, d) in enumerate(events[:400]):  # past min_samples: the fusion serves
+            stub.RecordOutcome(pb.RecordOutcomeRequest(
+                experts=to_req(e, f).experts, features=f, event_id=f"warm-{i}",
+                actual_direction=pb.DIRECTION_UP if d == "UP" else pb.DIRECTION_DOWN), timeout=10)
+        req = to_req(*events[500][:2])
+        assert stub.Predict(req, timeout=5).source == pb.SOURCE_FUSION
+        payload = req.SerializeToString()
+        for _ in range(300):  # warm both paths
+            echo_call(payload, timeout=5)
+            stub.Predict(req, timeout=5)
+        rss_start = rss_mib(fus["pid"])
+        blocks, per_block = (4, 500) if quick else (10, 1000)
+        echo_lat: list[float] = []
+        pred_lat: list[float] = []
+        for _ in range(blocks):
+            echo_lat += _sequential(lambda: echo_call(payload, timeout=5), per_block)
+            pred_lat += _sequential(lambda: stub.Predict(req, timeout=5), per_block)
+        res["echo_sequential"] = percentiles(echo_lat)
+        res["predict_sequential"] = percentiles(pred_lat)
+
+        # Predict while another process records outcomes at full rate (training on every outcome)
+        load_seconds = 6 if quick else 15
+        load = subprocess.Popen([py, "-m", "titan_fusion.server.bench", "--outcome-load", target,
+                                 "--seconds", str(load_seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        busy: list[float] = []
+        idle_again: list[float] = []
+        t_end = time.monotonic() + load_seconds - 2.0
+        while time.monotonic() < t_end:
+            busy += _sequential(lambda: stub.Predict(req, timeout=5), 200)
+        out, err = load.communicate(timeout=60)
+        load_stats = json.loads(out.decode().strip().splitlines()[-1])
+        idle_again = _sequential(lambda: stub.Predict(req, timeout=5), len(busy))
+        res["predict_while_training"] = percentiles(busy)
+        res["predict_idle_after"] = percentiles(idle_again)
+        res["record_outcome_sequential_per_s"] = load_stats["outcomes"] / load_stats["seconds"]
+
+        # throughput with calls in flight (grpc.aio), echo and Predict alternately
+        seconds = 2.0 if quick else 4.0
+
+        async def flights():
+            out = {}
+            ach = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+            ech = grpc.aio.insecure_channel(echo_target, options=list(CHANNEL_OPTIONS))
+            astub = pb_grpc.FusionServiceStub(ach)
+            aecho = ech.unary_unary(ECHO_METHOD)
+            for c in (1, 8, 32):
+                out[f"echo_inflight_{c}"] = await _in_flight(lambda: aecho(payload, timeout=10), c, seconds)
+                out[f"predict_inflight_{c}"] = await _in_flight(lambda: astub.Predict(req, timeout=10), c, seconds)
+            # RecordOutcome with 8 in flight: group commits
+            counter = iter(range(10**9))
+            ev = events[600]
+
+            def outcome():
+                i = next(counter)
+                return astub.RecordOutcome(pb.RecordOutcomeRequest(
+                    experts=to_req(*ev[:2]).experts, features=ev[1], event_id=f"tp-{i}",
+                    actual_direction=pb.DIRECTION_UP), timeout=30)
+            out["record_outcome_inflight_8"] = await _in_flight(outcome, 8, seconds)
+            await ach.close()
+            await ech.close()
+            return out
+        res.update(asyncio.run(flights()))
+
+        # memory: resident size after many Predicts
+        n_mem = 20_000 if quick else 100_000
+        _sequential(lambda: stub.Predict(req, timeout=5), n_mem)
+        res["server_rss_mib"] = {"after_warmup": rss_start, f"after_{n_mem}_more_predicts": rss_mib(fus["pid"])}
+        channel.close()
+        echo_channel.close()
+    finally:
+        for p in (echo_proc, fusion_proc):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return res
+
+
+def table(r: dict) -> str:
+    ip, g = r["in_process"], r["grpc"]
+    rows = [
+        ("in-process forward, one event, median", ip["forward"]["p50_us"], ip["forward_average_floor"]["p50_us"],
+         "same API serving the plain average", "< 150 us (core); < 100 us (perf)"),
+        ("in-process training step, batch 32, median", ip["train_step_batch32"]["p50_us"], None, "", "< 2.5 ms (core); < 2 ms (perf)"),
+        ("in-process update() with its step, median", ip["update_with_step"]["p50_us"],
+         ip["update_no_training_floor"]["p50_us"], "update() without training", ""),
+        ("Predict p50, one at a time", g["predict_sequential"]["p50_us"], g["echo_sequential"]["p50_us"], "echo p50", "<= 1.3x"),
+        ("Predict p99, one at a time", g["predict_sequential"]["p99_us"], g["echo_sequential"]["p99_us"], "echo p99", "<= 1.5x"),
+        ("Predict p99 while training at full rate", g["predict_while_training"]["p99_us"],
+         g["predict_idle_after"]["p99_us"], "idle Predict p99 (same run)", "<= 1.5x"),
+    ]
+    for c in (1, 8, 32):
+        rows.append((f"Predict throughput, {c} in flight (calls/s)", g[f"predict_inflight_{c}"]["calls_per_s"],
+                     g[f"echo_inflight_{c}"]["calls_per_s"], "echo calls/s", ">= 0.8x at 32" if c == 32 else ""))
+        rows.append((f"Predict p99, {c} in flight", g[f"predict_inflight_{c}"]["p99_us"],
+                     g[f"echo_inflight_{c}"]["p99_us"], "echo p99", ""))
+    rows.append(("RecordOutcome, one at a time (outcomes/s)", g["record_outcome_sequential_per_s"], None, "", ""))
+    rows.append(("RecordOutcome, 8 in flight (outcomes/s)", g["record_outcome_inflight_8"]["calls_per_s"], None, "", ""))
+    mem = list(g["server_rss_mib"].values())
+    rows.append(("server RSS (MiB), after warm-up -> after more Predicts", mem[1], mem[0], "RSS after warm-up", "<= 1.05x"))
+    lines = ["| measurement | value | floor / baseline | ratio | baseline is | target |", "|---|---:|---:|---:|---|---|"]
+    for name, v, base, what, target in rows:
+        ratio = f"{v / base:.2f}x" if base else ""
+        unit = "" if "calls/s" in name or "outcomes/s" in name or "MiB" in name else " us"
+        fmt = (lambda x: f"{x:,.0f}{unit}") if x_is_big(v) else (lambda x: f"{x:.1f}{unit}")
+        lines.append(f"| {name} | {fmt(v)} | {fmt(base) if base else ''} | {ratio} | {what} | {target} |")
+    return "\n".join(lines)
+
+
+def x_is_big(v: float) -> bool:
+    return v >= 100
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    ap.add_argument("--out", default="bench-results/bench.json", help="JSON results file")
+    ap.add_argument("--echo-server", metavar="READY_FILE", help=argparse.SUPPRESS)
+    ap.add_argument("--outcome-load", metavar="TARGET", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
+    ns = ap.parse_args(argv)
+    if ns.echo_server:
+        serve_echo(ns.echo_server)
+        return 0
+    if ns.outcome_load:
+        outcome_load(ns.outcome_load, ns.seconds, seed=11)
+        return 0
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="titan-bench-") as tmp:
+        results = {"machine": machine(), "in_process": bench_in_process(ns.quick), "grpc": bench_grpc(ns.quick, Path(tmp))}
+    results["seconds"] = time.time() - started
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\n{results['machine']}\nJSON: {out} ({results['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
