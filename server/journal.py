@@ -2,7 +2,8 @@
 
 Tables
 - `outcomes(seq, event_id, payload, label, recorded_at)`: every accepted outcome, in the order the
-  model learned it. `seq` is the sequence number that checkpoints record as applied; `event_id` is
+  model learned it. `seq` (increasing, never reused; an ignored duplicate may leave a gap) is the sequence number that
+  checkpoints record as applied; `event_id` is
   unique, which is how a repeated outcome is recognised, across restarts too. An outcome is
   committed (fsynced: `synchronous=FULL`) before RecordOutcome is acknowledged; the outcomes queued
   together share one transaction.
@@ -11,7 +12,9 @@ Tables
 
 Retention: outcomes older than what the newest checkpoint covers are pruned down to the last
 `keep_outcomes` (their event_ids stay recognised as duplicates for that long), predictions past the
-horizon are pruned. One connection, used by the model-owner thread only.
+horizon, or beyond the newest `keep_predictions`, are pruned (every PRUNE_EVERY remembered). With
+automatic checkpoints off (`checkpoint_every = 0`) the journal is the only record of the outcomes
+and is never pruned. One connection, used by the model-owner thread only.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
 """
+PRUNE_EVERY = 1024  # remembered predictions between two prunings of the predictions table
 
 
 def encode_event(ev: Event) -> str:
@@ -62,11 +66,14 @@ class JournaledOutcome:
 
 
 class Journal:
-    def __init__(self, path: str | Path, *, horizon_seconds: float = 86_400.0, keep_outcomes: int = 1_000_000):
+    def __init__(self, path: str | Path, *, horizon_seconds: float = 86_400.0, keep_outcomes: int = 100_000,
+                 keep_predictions: int = 100_000):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.horizon_seconds = horizon_seconds
         self.keep_outcomes = keep_outcomes
+        self.keep_predictions = keep_predictions
+        self._remembered = 0
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -121,6 +128,10 @@ class Journal:
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO predictions (event_id, payload, predicted_at) VALUES (?, ?, ?)",
                                  [(eid, encode_event(ev), now) for eid, ev in items])
+        self._remembered += len(items)
+        if self._remembered >= PRUNE_EVERY:
+            self._remembered = 0
+            self.prune_predictions()
 
     def predicted_event(self, event_id: str) -> Event | None:
         """The inputs of the Predict that carried this event_id, if within the horizon."""
@@ -133,16 +144,24 @@ class Journal:
         return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
 
     # ------------------------------------------------------------------ retention
+    def prune_predictions(self) -> int:
+        """Drop predictions past the horizon and beyond the newest `keep_predictions`."""
+        with self._db:
+            n = self._db.execute("DELETE FROM predictions WHERE predicted_at < ?",
+                                 (time.time() - self.horizon_seconds,)).rowcount
+            n += self._db.execute("DELETE FROM predictions WHERE event_id IN (SELECT event_id FROM predictions "
+                                  "ORDER BY predicted_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                                  (self.keep_predictions,)).rowcount
+        return n
+
     def prune(self, applied_seq: int) -> tuple[int, int]:
-        """Drop predictions past the horizon, and outcomes already in a checkpoint (seq <=
-        `applied_seq`) beyond the newest `keep_outcomes`. Returns (outcomes, predictions) dropped."""
+        """Drop outcomes already in a checkpoint (seq <= `applied_seq`) beyond the newest
+        `keep_outcomes`, and prune the predictions. Returns (outcomes, predictions) dropped."""
         with self._db:
             cutoff = self.last_seq() - self.keep_outcomes
             o = self._db.execute("DELETE FROM outcomes WHERE seq <= ? AND seq <= ?",
                                  (applied_seq, cutoff)).rowcount
-            p = self._db.execute("DELETE FROM predictions WHERE predicted_at < ?",
-                                 (time.time() - self.horizon_seconds,)).rowcount
-        return o, p
+        return o, self.prune_predictions()
 
     def stats(self) -> dict[str, Any]:
         return {"journal_last_seq": self.last_seq(), "journal_outcomes": self.count_outcomes(),

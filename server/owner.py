@@ -10,8 +10,9 @@
 ModelOwner is the only code that touches the TransformerFusion (its torch module, optimizer and
 buffers), the journal and the checkpoint store. Work reaches it through a bounded queue: a full
 queue raises OverloadedError at once. It drains what is queued (never waiting for more), commits the
-outcomes of the batch to the journal in one transaction, acknowledges nothing before that commit,
-learns them in journal order, and publishes a new Published (snapshot + statistics).
+outcomes of the batch to the journal in one transaction, learns them in journal order, publishes a
+new Published (snapshot + statistics), and only then answers the batch: nothing is acknowledged
+before its commit, and a Predict sent after an acknowledgement sees the model that includes it.
 
 Predictor answers Predicts without the owner: the first caller to find it idle becomes the leader
 and computes one batched forward, with the newest published snapshot, for every Predict queued at
@@ -95,6 +96,7 @@ class ModelOwner:
         self.failed: BaseException | None = None
         self.dropped_remembers = 0
         self.published: Published | None = None
+        self._replies: list[tuple[Future, Any, BaseException | None]] = []  # answered after publishing
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -171,6 +173,7 @@ class ModelOwner:
             if self._checkpoint_every and self._since_checkpoint >= self._checkpoint_every:
                 self._auto_checkpoint()
             self._publish()
+            self._answer()
             if stop is not None:
                 self._drain_after_stop()
                 if stop.payload and self._since_checkpoint:
@@ -204,6 +207,19 @@ class ModelOwner:
                  info.name if info else "none", info.applied_seq if info else 0, replayed, self._applied_seq)
         self._publish()
 
+    def _reply(self, fut: Future | None, result: Any = None, error: BaseException | None = None) -> None:
+        if fut is not None:
+            self._replies.append((fut, result, error))
+
+    def _answer(self) -> None:
+        """Resolve the batch's futures, after its snapshot is published (read-your-writes)."""
+        replies, self._replies = self._replies, []
+        for fut, result, error in replies:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
     def _publish(self) -> None:
         f = self._fusion
         self.published = Published(f.snapshot(), f.serving_stats, f.get_training_stats(),
@@ -217,7 +233,7 @@ class ModelOwner:
         live = []
         for w in items:
             if w.deadline is not None and now > w.deadline:
-                w.future.set_exception(DeadlineExpiredError("the deadline passed while the outcome was queued"))
+                self._reply(w.future, error=DeadlineExpiredError("the deadline passed while the outcome was queued"))
                 continue
             event, event_id, label = w.payload
             from_predict = False
@@ -240,7 +256,7 @@ class ModelOwner:
                                      feature_names=schema.feature_names if schema.feature_names is not None
                                      else r.feature_names)
             except FusionInputError as e:
-                w.future.set_exception(e)
+                self._reply(w.future, error=e)
                 continue
             live.append((w, event, event_id, label, from_predict))
         to_journal = [(eid or None, ev, label) for w, ev, eid, label, _ in live if ev is not None]
@@ -249,26 +265,26 @@ class ModelOwner:
         except Exception as e:
             log.exception("journal commit failed")
             for w, *_ in live:
-                w.future.set_exception(e)
+                self._reply(w.future, error=e)
             return
         f = self._fusion
         for w, event, event_id, label, from_predict in live:
             seq = next(seqs) if event is not None else None
             if seq is None:
                 self._on_outcome(True)
-                w.future.set_result(OutcomeAck(True, f.samples_trained, f.version, from_predict, None))
+                self._reply(w.future, OutcomeAck(True, f.samples_trained, f.version, from_predict, None))
                 continue
             try:
                 f.learn(event, label)
             except Exception as e:  # validated above: a bug. The journal keeps it for the record.
                 log.exception("learning journaled outcome seq=%d failed", seq)
-                w.future.set_exception(e)
+                self._reply(w.future, error=e)
                 continue
             finally:
                 self._applied_seq = seq
             self._since_checkpoint += 1
             self._on_outcome(False)
-            w.future.set_result(OutcomeAck(False, f.samples_trained, f.version, from_predict, seq))
+            self._reply(w.future, OutcomeAck(False, f.samples_trained, f.version, from_predict, seq))
 
     def _one(self, w: _Work) -> None:
         try:
@@ -282,7 +298,7 @@ class ModelOwner:
                 info = self._store.save(self._fusion, name, self._applied_seq)
                 self._last_checkpoint = info.name
                 self._since_checkpoint = 0
-                w.future.set_result([info])
+                self._reply(w.future, [info])
             elif w.kind == "restore":
                 info = self._store.load(self._fusion, check_name(w.payload))
                 # Outcomes journaled after that checkpoint are undone by the restore: an automatic
@@ -290,16 +306,16 @@ class ModelOwner:
                 self._applied_seq = self._journal.last_seq()
                 self._auto_checkpoint()
                 self._last_checkpoint = info.name
-                w.future.set_result([info])
+                self._reply(w.future, [info])
             elif w.kind == "list":
-                w.future.set_result(self._store.list())
+                self._reply(w.future, self._store.list())
             else:
                 raise ValueError(f"unknown work kind {w.kind!r}")
         except Exception as e:
             if w.future is None:
                 log.exception("%s failed", w.kind)
             else:
-                w.future.set_exception(e)
+                self._reply(w.future, error=e)
 
     def _auto_checkpoint(self) -> None:
         try:

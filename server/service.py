@@ -255,7 +255,9 @@ class FusionService:
         self.metrics = Metrics(registry)
         self.counters = _Counters()
         self.fusion = TransformerFusion(config.fusion, n_models=config.n_models)
-        self.journal = Journal(data / "journal.sqlite3", horizon_seconds=config.event_horizon_seconds)
+        self.journal = Journal(data / "journal.sqlite3", horizon_seconds=config.event_horizon_seconds,
+                               keep_outcomes=config.journal_keep_outcomes,
+                               keep_predictions=config.journal_keep_predictions)
         self.store = CheckpointStore(data / "checkpoints", keep=config.checkpoints_keep)
         self.owner = ModelOwner(self.fusion, self.journal, self.store, queue_size=config.queue_size,
                                 checkpoint_every=config.checkpoint_every, on_publish=self._published,

@@ -80,6 +80,11 @@ class ServiceConfig:
     n_models: int = 4  # number of experts per event
     checkpoint_every: int = 1000  # automatic checkpoint every N learned outcomes; 0 = off
     checkpoints_keep: int = 5  # automatic checkpoints kept in data_dir; older ones are deleted
+    # Journal retention: outcomes already in a checkpoint beyond this many are pruned (their
+    # event_ids are recognised as duplicates for that long); remembered Predict inputs beyond this
+    # many (or older than event_horizon_seconds) are pruned.
+    journal_keep_outcomes: int = 100_000
+    journal_keep_predictions: int = 100_000
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL
     fusion: FusionConfig = field(default_factory=FusionConfig)  # the model's parameters
 
@@ -119,6 +124,10 @@ SERVICE_HELP: dict[str, str] = {
     "n_models": "number of experts per event",
     "checkpoint_every": "automatic checkpoint every N learned outcomes; 0 turns it off",
     "checkpoints_keep": "automatic checkpoints kept in data_dir; older ones are deleted",
+    "journal_keep_outcomes": "journaled outcomes kept once checkpointed (duplicate event_ids are recognised "
+                             "that far back); pruned at each automatic checkpoint",
+    "journal_keep_predictions": "Predict inputs kept for RecordOutcome by event_id (also bounded by "
+                                "event_horizon_seconds)",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
 }
 
@@ -188,6 +197,9 @@ def _validate(c: ServiceConfig) -> None:
     need(c.n_models >= 1, "n_models", f"must be >= 1, got {c.n_models}")
     need(c.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 = off), got {c.checkpoint_every}")
     need(c.checkpoints_keep >= 1, "checkpoints_keep", f"must be >= 1, got {c.checkpoints_keep}")
+    need(c.journal_keep_outcomes >= 1, "journal_keep_outcomes", f"must be >= 1, got {c.journal_keep_outcomes}")
+    need(c.journal_keep_predictions >= 1, "journal_keep_predictions",
+         f"must be >= 1, got {c.journal_keep_predictions}")
     need(c.log_level.upper() in LOG_LEVELS, "log_level",
          f"must be one of {', '.join(LOG_LEVELS)}, got {c.log_level!r}")
     object.__setattr__(c, "log_level", c.log_level.upper())

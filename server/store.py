@@ -50,6 +50,16 @@ class CheckpointStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        for stale in self.root.glob(".*.tmp-*"):  # a save interrupted by a crash: never renamed in
+            log.warning("removing %s, left by an interrupted checkpoint write", stale.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in self.root.glob(".*.old-*"):  # an overwrite interrupted between its two renames
+            target = self.root / old.name[1:old.name.rindex(".old-")]
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                log.warning("restoring %s from %s, left by an interrupted overwrite", target.name, old.name)
+                old.rename(target)
 
     def path_for(self, name: str) -> Path:
         check_name(name)

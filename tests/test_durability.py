@@ -1,0 +1,148 @@
+"""Checkpoints and the journal on disk: fallback from a corrupt checkpoint, retention bounds,
+interrupted writes."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from titan_fusion.client import FusionClient
+from titan_fusion.server.checkpoint import MODEL_FILE
+from titan_fusion.server.config import FusionConfig
+from titan_fusion.server.fusion import TransformerFusion
+from titan_fusion.server.inference import Event
+from titan_fusion.server.journal import PRUNE_EVERY, Journal
+from titan_fusion.server.service import create_server
+from titan_fusion.server.settings import ServiceConfig
+from titan_fusion.server.store import CheckpointStore
+
+FAST = FusionConfig(min_samples=20, warmup_steps=10, batch_size=8, val_every=5, early_stopping_patience=10_000)
+
+
+def _start(data, **kw):
+    svc, port = create_server(ServiceConfig(port=0, metrics_port=-1, data_dir=str(data), fusion=FAST, **kw),
+                              registry=CollectorRegistry())
+    assert svc.wait_ready(30)
+    return svc, FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, stream, caplog):
+    data = tmp_path / "data"
+    events = list(stream(41, 75))
+    svc, client = _start(data, checkpoint_every=10, checkpoints_keep=3)
+    for i, (e, f, d) in enumerate(events):
+        client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}")
+    probes = [client.predict(e, f).prob_up for e, f, _ in stream(42, 10)]
+    client.close()
+    svc.stop(grace=1)  # graceful: a last automatic checkpoint at 75 outcomes
+    autos = sorted(p.name for p in (data / "checkpoints").iterdir())
+    assert len(autos) == 3, autos  # only the newest `checkpoints_keep` automatic ones are kept
+    newest = data / "checkpoints" / autos[-1]
+    (newest / MODEL_FILE).write_bytes((newest / MODEL_FILE).read_bytes()[:1000])  # truncated
+    svc, client = _start(data, checkpoint_every=10, checkpoints_keep=3)
+    try:
+        assert any("unusable" in r.message and autos[-1] in r.message for r in caplog.records)
+        stats = client.stats()
+        assert stats["samples_trained"] == 75  # the previous checkpoint, then the journal replayed
+        assert [client.predict(e, f).prob_up for e, f, _ in stream(42, 10)] == probes
+    finally:
+        client.close()
+        svc.stop(grace=1)
+
+
+def test_every_checkpoint_unusable_means_replaying_the_whole_journal(tmp_path, stream):
+    data = tmp_path / "data"
+    svc, client = _start(data, checkpoint_every=0)
+    events = list(stream(43, 40))
+    for i, (e, f, d) in enumerate(events):
+        client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}")
+    probes = [client.predict(e, f).prob_up for e, f, _ in stream(44, 5)]
+    client.close()
+    svc.stop(grace=1)
+    for ck in (data / "checkpoints").iterdir():
+        (ck / MODEL_FILE).write_bytes(b"garbage")
+    svc, client = _start(data, checkpoint_every=0)
+    try:
+        assert client.stats()["samples_trained"] == 40
+        assert [client.predict(e, f).prob_up for e, f, _ in stream(44, 5)] == probes
+    finally:
+        client.close()
+        svc.stop(grace=1)
+
+
+def test_journal_retention_holds_its_bounds(tmp_path, stream):
+    j = Journal(tmp_path / "j.sqlite3", keep_outcomes=50, keep_predictions=100, horizon_seconds=3600)
+    evs = [Event.parse(e, f) for e, f, _ in stream(45, 10)]
+    for i in range(0, 300, 30):
+        j.append_outcomes([(f"o-{k}", evs[k % 10], k % 2) for k in range(i, i + 30)])
+    assert j.last_seq() == 300 and j.count_outcomes() == 300
+    j.prune(applied_seq=120)  # only outcomes a checkpoint has seen may go
+    assert j.count_outcomes() == 300 - 120
+    j.prune(applied_seq=300)
+    assert j.count_outcomes() == 50
+    assert j.append_outcomes([("o-299", evs[0], 1)]) == [None]  # still a duplicate: within the window
+    assert j.last_seq() == 300
+    assert [o.seq for o in j.outcomes_after(0)][0] == 251
+    for k in range(3 * PRUNE_EVERY):
+        j.remember_predictions([(f"p-{k}", evs[k % 10])])
+    assert j.count_predictions() <= 100 + PRUNE_EVERY
+    j.prune_predictions()
+    assert j.count_predictions() == 100
+    assert j.predicted_event(f"p-{3 * PRUNE_EVERY - 1}") is not None and j.predicted_event("p-0") is None
+    j.close()
+
+
+def test_predictions_past_the_horizon_are_forgotten(tmp_path, stream):
+    j = Journal(tmp_path / "j.sqlite3", horizon_seconds=0.2)
+    ev = Event.parse(*next(stream(46, 1))[:2])
+    j.remember_predictions([("old", ev)])
+    assert j.predicted_event("old") == ev
+    time.sleep(0.3)
+    assert j.predicted_event("old") is None
+    assert j.prune_predictions() == 1 and j.count_predictions() == 0
+    j.close()
+
+
+def test_the_journal_survives_reopening_and_keeps_its_sequence(tmp_path, stream):
+    path = tmp_path / "j.sqlite3"
+    ev = Event.parse(*next(stream(47, 1))[:2])
+    j = Journal(path, keep_outcomes=1)
+    assert j.append_outcomes([("a", ev, 1), ("b", ev, 0), ("a", ev, 0)]) == [1, 2, None]
+    j.prune(applied_seq=2)
+    j.close()
+    j = Journal(path, keep_outcomes=1)
+    [seq] = j.append_outcomes([("c", ev, 1)])
+    assert j.last_seq() == seq > 2  # increasing, never reused (an ignored duplicate may leave a gap)
+    assert [(o.seq, o.event_id, o.event, o.label) for o in j.outcomes_after(2)] == [(seq, "c", ev, 1)]
+    j.close()
+
+
+def test_an_interrupted_checkpoint_write_is_cleaned_up_or_rolled_back(tmp_path, stream):
+    root = tmp_path / "checkpoints"
+    f = TransformerFusion(FAST, n_models=4)
+    f.update(*next(stream(48, 1)))
+    store = CheckpointStore(root)
+    store.save(f, "kept", applied_seq=1)
+    # a crash between "move the old one aside" and "rename the new one in" ...
+    os.rename(root / "kept", root / ".kept.old-abc123")
+    # ... and a crash before the rename of another write
+    (root / ".auto-00000009.tmp-xyz").mkdir()
+    store = CheckpointStore(root)
+    assert sorted(p.name for p in root.iterdir()) == ["kept"]
+    assert store.load(TransformerFusion(FAST, n_models=4), "kept").samples_trained == 1
+
+
+def test_a_predict_after_an_acknowledged_outcome_sees_it(tmp_path, stream):
+    """Read-your-writes: the owner publishes the new model before it acknowledges the outcome."""
+    svc, client = _start(tmp_path / "data", checkpoint_every=0)
+    try:
+        for i, (e, f, d) in enumerate(stream(49, 80)):
+            ack = client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}")
+            p = client.predict(e, f)
+            assert p.model_version == ack.model_version, (i, p.model_version, ack.model_version)
+        assert p.source == "fusion" and ack.model_version > 0
+    finally:
+        client.close()
+        svc.stop(grace=1)
