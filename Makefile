@@ -11,7 +11,7 @@ PORT         ?= 50051
 METRICS_PORT ?= 9464
 DATA_DIR     ?= var
 
-.PHONY: install run test proto proto-check bench clean
+.PHONY: install run test proto proto-check bench soak clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test: $(STAMP) proto-check
 
 bench: $(STAMP)
 	$(BIN)/python -m titan_fusion.server.bench
+
+## Mixed load for SOAK_SECONDS (default 600): errors by code and memory growth.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python -m titan_fusion.server.soak --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
