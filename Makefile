@@ -11,7 +11,7 @@ PORT         ?= 50051
 METRICS_PORT ?= 9464
 DATA_DIR     ?= var
 
-.PHONY: install run test proto proto-check bench soak clean
+.PHONY: install run test proto proto-check bench soak clean ops-tools ops-check compose-plugin
 
 install: $(STAMP)
 
@@ -33,8 +33,28 @@ proto-check: $(STAMP)
 run: $(STAMP)
 	$(BIN)/titan-fusion serve --port $(PORT) --metrics-port $(METRICS_PORT) --data-dir $(DATA_DIR)
 
-test: $(STAMP) proto-check
+test: $(STAMP) proto-check ops-tools
 	$(BIN)/python -m pytest -q
+
+## promtool and prometheus (Debian's package) for tests/test_ops.py and tests/test_prometheus.py;
+## installed only when missing. The rest of the deployment tools (hadolint, Compose, grpcurl) are
+## PyPI packages in the dev extra. Needs root (CI) or sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+ops-tools:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
+## The deployment files alone: promtool, Compose, hadolint, the dashboard, TLS and the token, grpcurl, a live Prometheus.
+ops-check: $(STAMP) ops-tools
+	$(BIN)/python -m pytest -q tests/test_ops.py tests/test_security.py tests/test_prometheus.py tests/test_grpcurl.py
+
+## Optional: make `docker compose` find the Compose binary of the dev extra (a Docker CLI plugin).
+## The tests call that binary directly: the package's `docker-compose` wrapper always exits 0.
+compose-plugin: $(STAMP)
+	mkdir -p $(HOME)/.docker/cli-plugins
+	ln -sf "$$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')" \
+	  $(HOME)/.docker/cli-plugins/docker-compose
 
 bench: $(STAMP)
 	$(BIN)/python -m titan_fusion.server.bench

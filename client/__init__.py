@@ -16,8 +16,9 @@ from titan_fusion.client.client import (
     MESSAGE_SIZE_OPTIONS,
     SERVER_KEEPALIVE_OPTIONS,
     FusionClient,
+    tls_credentials,
 )
-from titan_fusion.client.convert import CheckpointInfo, OutcomeAck, Prediction
+from titan_fusion.client.convert import BulkResult, CheckpointInfo, OutcomeAck, Prediction
 from titan_fusion.client.errors import (
     ClientClosedError,
     DeadlineExceededError,
@@ -39,9 +40,11 @@ _logging.getLogger("titan_fusion.client").addHandler(_logging.NullHandler())
 
 __all__ = [
     "FusionClient",
+    "tls_credentials",
     "Prediction",
     "OutcomeAck",
     "CheckpointInfo",
+    "BulkResult",
     "KEEPALIVE_OPTIONS",
     "SERVER_KEEPALIVE_OPTIONS",
     "MESSAGE_SIZE_OPTIONS",

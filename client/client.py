@@ -61,7 +61,7 @@ from typing import Any
 import grpc
 
 from titan_fusion.client import convert
-from titan_fusion.client.convert import CheckpointInfo, OutcomeAck, Prediction
+from titan_fusion.client.convert import BulkResult, CheckpointInfo, OutcomeAck, Prediction
 from titan_fusion.client.errors import (
     ClientClosedError,
     ServerError,
@@ -78,6 +78,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MESSAGE_SIZE_OPTIONS",
     "CHANNEL_OPTIONS",
+    "tls_credentials",
 ]
 
 logger = logging.getLogger("titan_fusion.client")
@@ -133,12 +134,50 @@ def _merge_options(
     return list(merged.items())
 
 
+def tls_credentials(
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files, for `FusionClient(credentials=...)`.
+
+    ca_file: the CA bundle that signed the service's certificate (None: the system's roots).
+    cert_file, key_file: this client's certificate and key, for a service that requires mutual
+    TLS (`tls_client_ca_file`); both or neither.
+
+    >>> tls_credentials(cert_file="client.pem")
+    Traceback (most recent call last):
+    ...
+    ValueError: cert_file and key_file go together (mutual TLS): give both or neither
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file go together (mutual TLS): give both or neither")
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file), private_key=read(key_file), certificate_chain=read(cert_file)
+    )
+
+
 def _check_event_id(event_id: Any) -> str:
     if event_id is None:
         return ""
     if not isinstance(event_id, str):
         raise TypeError(f"event_id must be a str or None, got {type(event_id).__name__}")
     return event_id
+
+
+def _bulk_direction(value: Any) -> int:
+    """In a bulk stream a bad direction is the service's to reject, by row, naming the field."""
+    try:
+        return convert.to_direction(value)
+    except ValueError:
+        return pb.DIRECTION_UNSPECIFIED
 
 
 class FusionClient:
@@ -157,8 +196,8 @@ class FusionClient:
         How many more times `record_outcome()`/`update()` try an outcome that has an event_id
         after UNAVAILABLE or DEADLINE_EXCEEDED. Outcomes without an event_id are never retried.
     credentials
-        `grpc.ChannelCredentials` (e.g. `grpc.ssl_channel_credentials()`) for TLS; plaintext when
-        None.
+        `grpc.ChannelCredentials` for TLS, e.g. `tls_credentials(ca_file="ca.pem")` (add
+        `cert_file=`/`key_file=` for mutual TLS); plaintext when None.
     token
         A bearer token, sent with every call as the metadata "authorization: Bearer <token>".
         Without `credentials` it travels in clear text.
@@ -380,6 +419,26 @@ class FusionClient:
                 )
             return convert.outcome_ack_from_proto(response, attempts=attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def record_outcomes(self, outcomes: Iterable[Mapping[str, Any]], *, timeout: float | None = 3600.0) -> BulkResult:
+        """Bulk replay: stream many outcomes in one call (backtests, backfill).
+
+        Each item is a mapping with "experts", "actual_direction", and optionally "features" and
+        "event_id" (strongly recommended: it makes a re-run idempotent). The service journals them
+        with RecordOutcome's guarantees and answers once all are journaled; training may trail the
+        journal (`stats()["service"]["training_lag"]`). Bad rows are rejected and reported by index,
+        the others accepted. Not retried: re-run it with the same event_ids instead (duplicates are
+        acknowledged, not learned twice). `timeout` bounds the whole stream (default one hour).
+        """
+        def requests():
+            for item in outcomes:
+                experts = item.get("experts")
+                yield pb.RecordOutcomeRequest(
+                    experts=convert.to_expert_forecasts(experts) if experts else [],
+                    features=convert.to_features(item.get("features")),
+                    event_id=_check_event_id(item.get("event_id")),
+                    actual_direction=_bulk_direction(item.get("actual_direction")))
+        return convert.bulk_result_from_proto(self._invoke("RecordOutcomes", requests(), timeout))
 
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Training statistics, attention weights and the service's counters, as one dict.

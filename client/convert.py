@@ -74,6 +74,24 @@ class OutcomeAck:
 
 
 @dataclass(frozen=True, slots=True)
+class BulkResult:
+    """The service's answer to a RecordOutcomes stream (`FusionClient.record_outcomes`)."""
+
+    accepted: int  # journaled; learned in order (training may trail: Stats training_lag)
+    duplicates: int  # event_id already recorded: not learned again
+    rejected: int  # refused rows; the first 100 in `rejections`
+    rejections: tuple[dict[str, Any], ...]  # {"index", "event_id", "code", "message"}
+    journal_sequence: int
+
+
+def bulk_result_from_proto(response: pb.RecordOutcomesResponse) -> BulkResult:
+    return BulkResult(response.accepted, response.duplicates, response.rejected,
+                      tuple({"index": r.index, "event_id": r.event_id, "code": r.code, "message": r.message}
+                            for r in response.rejected_outcomes),
+                      response.journal_sequence)
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     """A named checkpoint in the service's data directory. `created_at` is RFC 3339 UTC."""
 
@@ -294,7 +312,8 @@ def checkpoint_from_proto(info: pb.CheckpointInfo) -> CheckpointInfo:
 
 
 def stats_from_proto(response: pb.StatsResponse) -> dict[str, Any]:
-    """Every `TrainingStats` field at the top level, then "attention" and "service".
+    """Every `TrainingStats` field at the top level, then "attention", "service" and "live" (live
+    shadow scoring: "served", "fusion", "average" scores and the switch's state).
 
     >>> stats = stats_from_proto(pb.StatsResponse(
     ...     training=pb.TrainingStats(samples_trained=1152, last_source=pb.SOURCE_AVERAGE,
@@ -309,4 +328,6 @@ def stats_from_proto(response: pb.StatsResponse) -> dict[str, Any]:
     stats = _message_to_dict(response.training)
     stats["attention"] = attention_from_proto(response.attention)
     stats["service"] = _message_to_dict(response.service)
+    stats["live"] = {**_message_to_dict(response.live),
+                     **{src: _message_to_dict(getattr(response.live, src)) for src in ("served", "fusion", "average")}}
     return stats

@@ -6,8 +6,19 @@
     titan-fusion demo   [--target HOST:PORT] [--events N] [--seed S]
                                                    stream synthetic experts and outcomes through a
                                                    running service; fused vs average accuracy
+    titan-fusion backtest [--scenario S|all] [--seeds 1,2] [--events N] [--out DIR] [--target HOST:PORT]
+                          [--fusion.<name> V ...]
+                                                   prequential evaluation of the fusion against
+                                                   baselines (server/backtest.py; --help for more)
+    titan-fusion replay FILE [--target HOST:PORT] [--wait]
+                                                   bulk-send a history of outcomes (CSV or Parquet;
+                                                   the layout is in server/replay.py)
 
-Only `serve` imports torch; the other commands need grpcio and protobuf (and tqdm for the demo).
+health, stats, demo and replay also take --ca FILE [--cert FILE --key FILE] [--tls-server-name NAME]
+[--token-file FILE]: TLS, mutual TLS and the bearer token (docs/security.md).
+
+Only `serve` and `backtest` import torch; the other commands need grpcio and protobuf (and tqdm for
+the demo). `backtest` needs numpy and matplotlib too; it has its own parser (server/backtest.py).
 """
 from __future__ import annotations
 
@@ -59,13 +70,48 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+TOKEN_ENV, TOKEN_FILE_ENV = "TITAN_FUSION_TOKEN", "TITAN_FUSION_TOKEN_FILE"
+
+
+def client_security(ns: argparse.Namespace) -> tuple[object | None, str | None, list[tuple[str, str]]]:
+    """(credentials, token, channel options) from the connection flags of health/stats/demo:
+    --ca/--cert/--key/--tls/--tls-server-name and --token-file (else $TITAN_FUSION_TOKEN, else the
+    first line of $TITAN_FUSION_TOKEN_FILE). Needs grpc only (no torch). Raises SystemExit(2) with
+    a message for unusable flags or files; the token itself is never printed."""
+    credentials, options = None, []
+    if ns.ca or ns.cert or ns.key or ns.tls or ns.tls_server_name:
+        from titan_fusion.client.client import tls_credentials
+        try:
+            credentials = tls_credentials(ns.ca, ns.cert, ns.key)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"titan-fusion {ns.command}: TLS files: {e}") from None
+        if ns.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", ns.tls_server_name))
+    token_file = ns.token_file or (None if os.environ.get(TOKEN_ENV) else os.environ.get(TOKEN_FILE_ENV) or None)
+    token = os.environ.get(TOKEN_ENV) or None
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as e:
+            raise SystemExit(f"titan-fusion {ns.command}: --token-file {token_file}: {e.strerror or e}") from None
+        if not lines:
+            raise SystemExit(f"titan-fusion {ns.command}: --token-file {token_file}: holds no token")
+        token = lines[0]
+    return credentials, token, options
+
+
 def _health(ns: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    with grpc.insecure_channel(ns.target) as channel:
+    credentials, token, options = client_security(ns)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    channel = (grpc.secure_channel(ns.target, credentials, options=options) if credentials is not None
+               else grpc.insecure_channel(ns.target))
+    with channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=ns.service),
-                                                            timeout=ns.timeout)
+                                                            timeout=ns.timeout, metadata=metadata)
         except grpc.RpcError as e:
             print(f"{ns.target}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -76,7 +122,8 @@ def _health(ns: argparse.Namespace) -> int:
 
 def _stats(ns: argparse.Namespace) -> int:
     from titan_fusion.client import FusionClient, FusionClientError
-    with FusionClient(ns.target, timeout=ns.timeout) as client:
+    credentials, token, options = client_security(ns)
+    with FusionClient(ns.target, timeout=ns.timeout, credentials=credentials, token=token, options=options) as client:
         try:
             stats = client.stats()
         except FusionClientError as e:
@@ -95,7 +142,9 @@ def _demo(ns: argparse.Namespace) -> int:
     run = f"demo-{int(time.time())}"
     fused = avg = scored = 0
     loss_fused = loss_avg = 0.0
-    with FusionClient(ns.target, timeout=ns.timeout, fallback=False) as client:
+    credentials, token, options = client_security(ns)
+    with FusionClient(ns.target, timeout=ns.timeout, fallback=False, credentials=credentials, token=token,
+                      options=options) as client:
         bar = tqdm(informative_stream(ns.seed, ns.events), total=ns.events, unit="event", mininterval=0.5)
         try:
             for i, (experts, features, direction) in enumerate(bar):
@@ -125,6 +174,28 @@ def _demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(ns: argparse.Namespace) -> int:
+    from .replay import main as replay
+    credentials, token, options = client_security(ns)
+    if options:  # replay.main takes no channel options
+        raise SystemExit("titan-fusion replay: --tls-server-name is not supported; dial a name the certificate holds")
+    return replay(ns.target, ns.file, wait=ns.wait, timeout=ns.timeout, credentials=credentials, token=token)
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS and token flags of the client commands (docs/security.md)."""
+    g = p.add_argument_group("security", "TLS and the bearer token (docs/security.md)")
+    g.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA roots (implied by --ca)")
+    g.add_argument("--ca", metavar="FILE", help="PEM CA bundle that signed the service's certificate (implies TLS)")
+    g.add_argument("--cert", metavar="FILE", help="this client's PEM certificate, for mutual TLS (with --key)")
+    g.add_argument("--key", metavar="FILE", help="this client's PEM private key, for mutual TLS (with --cert)")
+    g.add_argument("--tls-server-name", metavar="NAME",
+                   help="name expected in the service's certificate when it differs from the target's host")
+    g.add_argument("--token-file", metavar="FILE",
+                   help=f"file whose first line is the bearer token (default: ${TOKEN_ENV}, else the file "
+                        f"${TOKEN_FILE_ENV} names)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="titan-fusion", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,24 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write {port, metrics_port, pid} as JSON here once the service is SERVING")
     for name, help_ in (("health", "exit 0 if the service is SERVING"),
                         ("stats", "print the service's statistics as JSON"),
-                        ("demo", "stream synthetic events through a running service")):
+                        ("demo", "stream synthetic events through a running service"),
+                        ("replay", "bulk-send a history of outcomes from a CSV or Parquet file")):
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT of the service (default {DEFAULT_TARGET})")
         p.add_argument("--timeout", type=float, default=2.0, help="deadline of each call, seconds (default 2)")
+        add_connection_arguments(p)
         if name == "health":
             p.add_argument("--service", default="", help="service name to check (default: the server as a whole)")
+        if name == "replay":
+            p.add_argument("file", help="CSV (or Parquet) of outcomes; columns: event_id, actual_direction, "
+                                        "expert.<name>, confidence.<name>, feature.<name>")
+            p.add_argument("--wait", action="store_true", help="wait until training has caught up with the journal")
+            p.set_defaults(timeout=3600.0)
         if name == "demo":
             p.add_argument("--events", type=int, default=3000, help="events to stream (default 3000)")
             p.add_argument("--seed", type=int, default=0, help="seed of the synthetic stream (default 0)")
+    # Listed here for --help; main() hands its arguments to server/backtest.py before parsing.
+    sub.add_parser("backtest", add_help=False, help="prequential evaluation of the fusion against baselines "
+                                                    "(titan-fusion backtest --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["backtest"]:
+        from .backtest import main as backtest_main
+        return backtest_main(args[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command == "serve":
         return _serve(ns, parser)
-    return {"health": _health, "stats": _stats, "demo": _demo}[ns.command](ns)
+    return {"health": _health, "stats": _stats, "demo": _demo, "replay": _replay}[ns.command](ns)
 
 
 if __name__ == "__main__":

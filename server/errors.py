@@ -10,7 +10,8 @@
     ├── OverloadedError                 a queue is full
     ├── NotReadyError                   the service is still recovering its model
     ├── ShuttingDownError               the service is draining
-    └── DeadlineExpiredError            the caller's deadline passed before the work started
+    ├── DeadlineExpiredError            the caller's deadline passed before the work started
+    └── ClientGoneError                 the caller ended a stream midway
 
 The service maps these to gRPC status codes in one place (server/service.py).
 """
@@ -69,4 +70,10 @@ class NotReadyError(FusionError):
 
 
 class DeadlineExpiredError(FusionError):
-    """The caller's deadline passed while the work waited; it was not done."""
+    """The caller's deadline passed. Work whose deadline passed before it started is not done; an
+    outcome whose deadline passes while it is being learned may still be learned (retrying with the
+    same event_id is safe)."""
+
+
+class ClientGoneError(FusionError):
+    """The caller cancelled or broke its stream; what it had sent was kept."""

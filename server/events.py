@@ -30,13 +30,15 @@ class Expert:
 
 
 def _get(obj: Any, key: str) -> Any:
-    if isinstance(obj, Mapping):
+    if type(obj) is dict or isinstance(obj, Mapping):  # a dict first: ABC checks are slow
         return obj.get(key)
     return getattr(obj, key, None)
 
 
 def _number(value: Any, field: str, *, required: bool, lo: float | None = None,
             hi: float | None = None) -> float | None:
+    if type(value) is float and value - value == 0.0 and (lo is None or lo <= value <= hi):
+        return value  # the common case, finite and in range, without ABC checks
     if value is None:
         if required:
             raise FusionInputError(field, "is required")

@@ -31,14 +31,15 @@ REASON_WRONG_EXPERT_COUNT = "wrong_expert_count"
 REASON_UNDERPERFORMING = "underperforming"  # decided by the service's live scoring
 
 LN_EPS = 1e-5  # nn.LayerNorm's default
-GELU_C = math.sqrt(2.0 / math.pi)
+GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 h (1 + tanh(C (h + 0.044715 h^3)))
+GELU_K = GELU_C * 0.044715
 
 
-def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _standardize(x: np.ndarray) -> np.ndarray:
+    """LayerNorm without its gain and bias (folded into the next linear layer)."""
     inv_c = 1.0 / x.shape[-1]  # sum * (1/C) rather than mean(): numpy's mean() costs more per call
     d = x - x.sum(axis=-1, keepdims=True) * inv_c
-    var = (d * d).sum(axis=-1, keepdims=True) * inv_c
-    return d / np.sqrt(var + LN_EPS) * g + b
+    return d / np.sqrt((d * d).sum(axis=-1, keepdims=True) * inv_c + LN_EPS)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -61,18 +62,37 @@ class NumpyNet:
     @classmethod
     def of(cls, net: FusionNet, norm_shift: np.ndarray, norm_scale: np.ndarray) -> "NumpyNet":
         c = net.config
-        w = {}
-        for k, p in net.named_parameters():
-            a = p.detach().numpy().astype(np.float64)
-            w[k] = a.T.copy() if a.ndim == 2 and k != "expert_id.weight" else a
-        # constant terms folded once: each expert's input bias plus its identity embedding, ...
-        w["own_bias"] = w.pop("expert_in.bias") + w.pop("expert_id.weight")  # (n, C)
-        if c.n_features:  # ... and the feature token's bias plus its type embedding
-            w["feature_bias"] = w.pop("feature_in.bias") + w.pop("feature_type")
+        hs = c.hidden_dim // c.num_heads
+        p = {k: v.detach().numpy().astype(np.float64) for k, v in net.named_parameters()}
+        T = lambda name: p[name].T.copy()  # noqa: E731  x @ W layout
+        w: dict[str, np.ndarray] = {"expert_in": T("expert_in.weight"),
+                                    "own_bias": p["expert_in.bias"] + p["expert_id.weight"]}  # (n, C)
+        if c.n_features:
+            w["feature_in"] = T("feature_in.weight")
+            w["feature_bias"] = p["feature_in.bias"] + p["feature_type"]
+            w["query_from_features"] = T("pool.query_from_features.weight")
+        # Constants folded once, so that a forward runs fewer numpy calls (each costs ~1 us here):
+        # a LayerNorm's gain and bias into the linear layer after it, 1/sqrt(head_dim) into the
+        # queries and keys, GELU's 1/2 into the projection after it, the two-logit head into one
+        # logit difference.
+        def fold_ln(ln: str, lin_w: np.ndarray, lin_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return p[f"{ln}.weight"][:, None] * lin_w, p[f"{ln}.bias"] @ lin_w + lin_b
+        qkv_w, qkv_b = fold_ln("block.ln_1", T("block.attn.qkv.weight"), p["block.attn.qkv.bias"])
+        qkv_w[:, :c.hidden_dim] /= math.sqrt(hs)
+        qkv_b[:c.hidden_dim] /= math.sqrt(hs)
+        w["qkv"], w["qkv_bias"] = qkv_w, qkv_b
+        w["attn_proj"], w["attn_proj_bias"] = T("block.attn.proj.weight"), p["block.attn.proj.bias"]
+        w["fc"], w["fc_bias"] = fold_ln("block.ln_2", T("block.mlp.fc.weight"), p["block.mlp.fc.bias"])
+        w["mlp_proj"], w["mlp_proj_bias"] = 0.5 * T("block.mlp.proj.weight"), p["block.mlp.proj.bias"]
+        key_w, key_b = fold_ln("pool.ln", T("pool.key.weight"), p["pool.key.bias"])
+        w["key"], w["key_bias"] = key_w / math.sqrt(hs), key_b / math.sqrt(hs)
+        w["query"] = p["pool.query"]
+        w["value"], w["value_bias"] = T("pool.value.weight"), p["pool.value.bias"]
+        w["head"] = p["head.weight"][0] - p["head.weight"][1]  # (C,): logit(up) - logit(down)
+        w["head_bias"] = p["head.bias"][0] - p["head.bias"][1]
         for a in w.values():
             a.setflags(write=False)
-        return cls(c.n_experts, c.n_features, c.num_heads, w,
-                   norm_shift.copy(), norm_scale.copy())
+        return cls(c.n_experts, c.n_features, c.num_heads, w, norm_shift.copy(), norm_scale.copy())
 
     def normalize(self, feats_raw: np.ndarray) -> np.ndarray:
         """(B, F) raw features -> normalized, clipped to [-5, 5]; NaN (missing) -> 0 (the mean)."""
@@ -86,41 +106,34 @@ class NumpyNet:
         """
         w, nh = self.w, self.n_head
         B, n, _ = x.shape
-        own = x @ w["expert_in.weight"] + w["own_bias"]  # (B, n, C)
+        own = x @ w["expert_in"] + w["own_bias"]  # (B, n, C)
         C = own.shape[-1]
         hs = C // nh
         tokens = own
-        f = None
         if self.n_features:
             f = self.normalize(feats_raw)  # (B, F)
-            ft = f @ w["feature_in.weight"] + w["feature_bias"]  # (B, C)
+            ft = f @ w["feature_in"] + w["feature_bias"]  # (B, C)
             tokens = np.concatenate((own, ft[:, None, :]), axis=1)  # (B, T, C)
         T = tokens.shape[1]
         # transformer block: self-attention then feed-forward, pre-norm, residual
-        h = _layer_norm(tokens, w["block.ln_1.weight"], w["block.ln_1.bias"])
-        qkv = h @ w["block.attn.qkv.weight"] + w["block.attn.qkv.bias"]  # (B, T, 3C)
+        qkv = _standardize(tokens) @ w["qkv"] + w["qkv_bias"]  # (B, T, 3C), q pre-scaled by 1/sqrt(hs)
         qkv = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        att = _softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs))  # (B, nh, T, T)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-        tokens = tokens + y @ w["block.attn.proj.weight"] + w["block.attn.proj.bias"]
-        h = _layer_norm(tokens, w["block.ln_2.weight"], w["block.ln_2.bias"])
-        h = h @ w["block.mlp.fc.weight"] + w["block.mlp.fc.bias"]
-        h = 0.5 * h * (1.0 + np.tanh(GELU_C * (h + 0.044715 * h * h * h)))
-        tokens = tokens + h @ w["block.mlp.proj.weight"] + w["block.mlp.proj.bias"]
-        ctx = tokens[:, :n]  # (B, n, C)
+        att = _softmax(qkv[0] @ qkv[1].transpose(0, 1, 3, 2))  # (B, nh, T, T)
+        y = (att @ qkv[2]).transpose(0, 2, 1, 3).reshape(B, T, C)
+        tokens = tokens + (y @ w["attn_proj"] + w["attn_proj_bias"])
+        h = _standardize(tokens) @ w["fc"] + w["fc_bias"]
+        h = h * (1.0 + np.tanh(h * (GELU_C + GELU_K * h * h)))  # 2 * GELU(h); the 1/2 is in mlp_proj
+        tokens = tokens + (h @ w["mlp_proj"] + w["mlp_proj_bias"])
         # pooling: the (feature-conditioned) query over the expert tokens; values from `own`
-        query = w["pool.query"] + f @ w["pool.query_from_features.weight"] if self.n_features else \
-            np.repeat(w["pool.query"][None, :], B, axis=0)  # (B, C)
-        kk = _layer_norm(ctx, w["pool.ln.weight"], w["pool.ln.bias"]) @ w["pool.key.weight"] + w["pool.key.bias"]
-        vv = own @ w["pool.value.weight"] + w["pool.value.bias"]
-        qh = query.reshape(B, nh, 1, hs)
-        kh = kk.reshape(B, n, nh, hs).transpose(0, 2, 3, 1)  # (B, nh, hs, n)
-        vh = vv.reshape(B, n, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, n, hs)
-        a = _softmax(qh @ kh / math.sqrt(hs))  # (B, nh, 1, n)
+        if self.n_features:
+            qh = (w["query"] + f @ w["query_from_features"]).reshape(B, nh, 1, hs)
+        else:
+            qh = np.broadcast_to(w["query"].reshape(1, nh, 1, hs), (B, nh, 1, hs))
+        kh = (_standardize(tokens[:, :n]) @ w["key"] + w["key_bias"]).reshape(B, n, nh, hs).transpose(0, 2, 3, 1)
+        vh = (own @ w["value"] + w["value_bias"]).reshape(B, n, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, n, hs)
+        a = _softmax(qh @ kh)  # (B, nh, 1, n); keys pre-scaled by 1/sqrt(hs)
         pooled = (a @ vh).reshape(B, C)
-        logits = pooled @ w["head.weight"] + w["head.bias"]  # (B, 2)
-        prob_up = 1.0 / (1.0 + np.exp(logits[:, 1] - logits[:, 0]))
+        prob_up = 1.0 / (1.0 + np.exp(-(pooled @ w["head"] + w["head_bias"])))
         return prob_up, a[:, :, 0, :].mean(axis=1)
 
 
@@ -175,8 +188,9 @@ class Schema:
     def names(self) -> tuple[str, ...]:
         return self.expert_names or tuple(f"model_{i}" for i in range(self.n_models))
 
-    def resolve(self, ev: Event) -> Resolved:
-        """Map an event with n_models experts onto the schema, or raise FusionInputError."""
+    def resolve(self, ev: Event, field: str = "model_outputs") -> Resolved:
+        """Map an event with n_models experts onto the schema, or raise FusionInputError. `field` is
+        what the caller calls the experts ("model_outputs" in-process, "experts" on the wire)."""
         names = [e.name for e in ev.experts]
         new_expert_names = None
         order = list(range(self.n_models))
@@ -186,7 +200,7 @@ class Schema:
         elif all(names) and tuple(names) != self.expert_names:
             unknown = [n for n in names if n not in self.expert_names]
             if unknown:
-                raise FusionInputError("model_outputs", f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
+                raise FusionInputError(field, f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
                                        f"expected {', '.join(self.expert_names)}")
             index = {n: i for i, n in enumerate(names)}
             order = [index[n] for n in self.expert_names]
@@ -226,7 +240,7 @@ class Snapshot:
     schema: Schema
     net: NumpyNet | None  # None before the schema is fixed
 
-    def predict(self, events: Sequence[Event]) -> list[Prediction | FusionInputError]:
+    def predict(self, events: Sequence[Event], field: str = "model_outputs") -> list[Prediction | FusionInputError]:
         """One batched forward for the events that the fusion serves; the plain average, with its
         reason, for the others; a FusionInputError in place of an event that does not fit the schema.
 
@@ -243,7 +257,7 @@ class Snapshot:
                 out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
             else:
                 try:
-                    r = self.schema.resolve(ev)
+                    r = self.schema.resolve(ev, field)
                 except FusionInputError as e:
                     out[i] = e
                     continue
@@ -276,12 +290,16 @@ class ServingStats:
         self.last_source: str | None = None
         self.last_reason: str | None = None
 
-    def record(self, predictions: Iterable[Prediction | Exception], schema_names: Sequence[str]) -> None:
-        last = None
+    def record(self, predictions: Iterable[Prediction | Exception], schema_names: Sequence[str],
+               served: Iterable[Prediction | Exception] | None = None) -> None:
+        """Attention from the fusion's forecasts in `predictions`; the last source and reason from
+        `served` (what was answered, when the service overrode the fusion), else `predictions`."""
+        predictions = list(predictions)
+        last = next((p for p in reversed(list(served) if served is not None else predictions)
+                     if isinstance(p, Prediction)), None)
         rows = []
         for p in predictions:
             if isinstance(p, Prediction):
-                last = p
                 if p.source == SOURCE_FUSION:
                     rows.append([p.attention[n] for n in schema_names])
         with self._lock:

@@ -7,8 +7,9 @@ Tables
   unique, which is how a repeated outcome is recognised, across restarts too. An outcome is
   committed (fsynced: `synchronous=FULL`) before RecordOutcome is acknowledged; the outcomes queued
   together share one transaction.
-- `predictions(event_id, payload, predicted_at)`: the inputs of served Predicts that carried an
-  event_id, so that RecordOutcome may send the event_id alone, within the configured horizon.
+- `predictions(event_id, payload, predicted_at, served, fusion, average)`: the inputs of served
+  Predicts that carried an event_id, so that RecordOutcome may send the event_id alone, within the
+  configured horizon, and what was forecast, for live scoring (server/live.py).
 
 Retention: outcomes older than what the newest checkpoint covers are pruned down to the last
 `keep_outcomes` (their event_ids stay recognised as duplicates for that long), predictions past the
@@ -39,7 +40,10 @@ CREATE TABLE IF NOT EXISTS outcomes (
 CREATE TABLE IF NOT EXISTS predictions (
     event_id     TEXT PRIMARY KEY,
     payload      TEXT NOT NULL,
-    predicted_at REAL NOT NULL
+    predicted_at REAL NOT NULL,
+    served       REAL,  -- prob_up served
+    fusion       REAL,  -- the fusion's own prob_up (NULL while it was warming up)
+    average      REAL   -- the plain average's
 );
 CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
 """
@@ -55,6 +59,16 @@ def encode_event(ev: Event) -> str:
 def decode_event(payload: str) -> Event:
     d = json.loads(payload)
     return Event(tuple(Expert(prob_up=p, confidence=c, name=n) for p, c, n in d["e"]), d["f"])
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """A served Predict: its inputs and what the service, the fusion and the average forecast."""
+
+    event: Event
+    served: float | None
+    fusion: float | None
+    average: float | None
 
 
 @dataclass(frozen=True)
@@ -118,27 +132,41 @@ class Journal:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outcomes'").fetchone()
         return int(row[0]) if row else 0
 
+    def last_recorded_at(self) -> float:
+        """Unix time the newest journaled outcome was recorded; 0 when there is none."""
+        row = self._db.execute("SELECT MAX(recorded_at) FROM outcomes").fetchone()
+        return float(row[0] or 0.0)
+
     def count_outcomes(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0])
 
     # ------------------------------------------------------------------ predictions
-    def remember_predictions(self, items: Sequence[tuple[str, Event]]) -> None:
-        """Keep Predict inputs by event_id (the latest wins); asynchronous durability is enough."""
+    def remember_predictions(self, items: Sequence[tuple]) -> None:
+        """Keep Predicts by event_id (the latest wins): (event_id, event[, served, fusion, average]).
+        Asynchronous durability is enough: a lost one only means sending the inputs again."""
         now = time.time()
         with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO predictions (event_id, payload, predicted_at) VALUES (?, ?, ?)",
-                                 [(eid, encode_event(ev), now) for eid, ev in items])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO predictions (event_id, payload, predicted_at, served, fusion, average) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(it[0], encode_event(it[1]), now, *(tuple(it[2:5]) + (None,) * (5 - len(it)))) for it in items])
         self._remembered += len(items)
         if self._remembered >= PRUNE_EVERY:
             self._remembered = 0
             self.prune_predictions()
 
-    def predicted_event(self, event_id: str) -> Event | None:
-        """The inputs of the Predict that carried this event_id, if within the horizon."""
-        row = self._db.execute("SELECT payload, predicted_at FROM predictions WHERE event_id = ?", (event_id,)).fetchone()
+    def predicted(self, event_id: str) -> Predicted | None:
+        """The Predict that carried this event_id, if within the horizon."""
+        row = self._db.execute("SELECT payload, predicted_at, served, fusion, average FROM predictions "
+                               "WHERE event_id = ?", (event_id,)).fetchone()
         if row is None or row[1] < time.time() - self.horizon_seconds:
             return None
-        return decode_event(row[0])
+        return Predicted(decode_event(row[0]), row[2], row[3], row[4])
+
+    def predicted_event(self, event_id: str) -> Event | None:
+        """The inputs of the Predict that carried this event_id, if within the horizon."""
+        p = self.predicted(event_id)
+        return None if p is None else p.event
 
     def count_predictions(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])

@@ -27,6 +27,14 @@ a series reads 0 rather than being absent before its first event.
 | `fusion_checkpoint_errors_total` | counter | `action` = save, restore | checkpoint saves and restores that failed |
 | `fusion_rpc_errors_total` | counter | `method`, `code` | RPCs that ended with a non-OK gRPC status (code like INVALID_ARGUMENT) |
 | `fusion_rpc_duration_seconds` | histogram | `method` | RPC handling time, seconds, every status included |
+| `fusion_live_log_loss` | gauge | `source` = served, fusion, average | rolling log loss on the outcomes of predicted events (live scoring; NaN before any) |
+| `fusion_live_accuracy` | gauge | `source` | rolling accuracy, same window |
+| `fusion_live_brier` | gauge | `source` | rolling Brier score, same window |
+| `fusion_live_ece` | gauge | `source` | rolling expected calibration error (15 equal-width bins), same window |
+| `fusion_live_window_outcomes` | gauge | | outcomes in the live-scoring window |
+| `fusion_underperforming` | gauge | | 1 while the service serves the average because the fusion underperforms it, else 0 |
+| `fusion_underperforming_switches_total` | counter | | switches between the fusion and the average by live scoring |
+| `fusion_last_outcome_timestamp_seconds` | gauge | | unix time of the last outcome learned (0: none since start) |
 
 Usage: one `Metrics` per service; tests pass a fresh registry and read samples back:
 
@@ -45,8 +53,9 @@ from typing import Any, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
 
-DEFAULT_METHODS = ("Predict", "RecordOutcome", "Stats", "Checkpoint")
+DEFAULT_METHODS = ("Predict", "RecordOutcome", "RecordOutcomes", "Stats", "Checkpoint")
 QUEUES = ("owner", "predict")
+LIVE_SOURCES = ("served", "fusion", "average")
 CHECKPOINT_ACTIONS = ("save", "restore")
 # The same strings as inference.SOURCE_* / REASON_* (kept here so that metrics imports no torch;
 # tests/test_metrics.py checks that they agree).
@@ -138,6 +147,25 @@ class Metrics:
         # Bound once: the hot path does self.rpc_duration[method].observe(seconds).
         self.rpc_duration = {m: self.rpc_duration_histogram.labels(m) for m in self.methods}
 
+        # --- live shadow scoring (server/live.py) ---
+        self.live = {name: gauge(f"fusion_live_{name}", doc, ("source",)) for name, doc in (
+            ("log_loss", "Rolling log loss on the outcomes of predicted events, by source."),
+            ("accuracy", "Rolling accuracy on the outcomes of predicted events, by source."),
+            ("brier", "Rolling Brier score on the outcomes of predicted events, by source."),
+            ("ece", "Rolling expected calibration error (15 equal-width bins), by source."))}
+        self._live = {(name, src): g.labels(src) for name, g in self.live.items() for src in LIVE_SOURCES}
+        for child in self._live.values():
+            child.set(math.nan)
+        self.live_window_outcomes = gauge("fusion_live_window_outcomes", "Outcomes in the live-scoring window.")
+        self.underperforming = gauge("fusion_underperforming",
+                                     "1 while the average is served because the fusion underperforms it, else 0.")
+        self.underperforming_switches = Counter("fusion_underperforming_switches_total",
+                                                "Switches between the fusion and the average by live scoring.",
+                                                registry=r)
+        self._switches_seen = 0
+        self.last_outcome_timestamp = gauge("fusion_last_outcome_timestamp_seconds",
+                                            "Unix time of the last outcome learned (0: none since start).")
+
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -152,6 +180,18 @@ class Metrics:
                 getattr(self, attr).set(_number(stats[key]))
         if "model_version" not in stats and "train_steps" in stats:
             self.model_version.set(_number(stats["train_steps"]))
+
+    def observe_live(self, live: Mapping[str, Any], last_outcome_time: float) -> None:
+        """Set the live-scoring gauges from LiveScorer.snapshot()."""
+        for src, score in live["sources"].items():
+            for name in self.live:
+                self._live[(name, src)].set(_number(score.get(name)))
+        self.live_window_outcomes.set(live["sources"]["fusion"]["n"])
+        self.underperforming.set(1.0 if live["underperforming"] else 0.0)
+        if live["switches"] > self._switches_seen:  # counted by the scorer; the counter follows
+            self.underperforming_switches.inc(live["switches"] - self._switches_seen)
+        self._switches_seen = live["switches"]
+        self.last_outcome_timestamp.set(last_outcome_time)
 
     def observe_attention(self, weights: Mapping[str, float]) -> None:
         """Set fusion_attention_weight per expert; experts no longer named are removed."""

@@ -38,13 +38,18 @@ from typing import Any, Callable, Sequence
 from .errors import (DeadlineExpiredError, FusionInputError, NotReadyError, OverloadedError,
                      ShuttingDownError, UnknownEventError)
 from .fusion import TransformerFusion
-from .inference import Event, Prediction, ServingStats, Snapshot
-from .journal import Journal
+from .events import plain_average
+from .inference import (REASON_UNDERPERFORMING, SOURCE_FUSION, Event, Prediction, ServingStats, Snapshot,
+                        average_prediction)
+from .journal import Journal, Predicted
+from .live import LiveScorer
 from .store import CheckpointInfo, CheckpointStore, check_name
 
 log = logging.getLogger("titan_fusion.server.owner")
 MAX_BATCH = 256  # work items taken from the queue at once
 MAX_PREDICT_BATCH = 256
+LEARN_SLICE_SECONDS = 0.005  # learning between two batches of work while more work waits
+CATCH_UP_SLICE_SECONDS = 0.1  # learning between two publications while nothing else waits
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,30 @@ class OutcomeAck:
 
 
 @dataclass(frozen=True)
+class BulkAck:
+    """A RecordOutcomes chunk: per row ("accepted", (index, seq)), ("duplicate", (index, event_id))
+    or ("rejected", (index, event_id, FusionInputError))."""
+
+    results: list[tuple[str, Any]]
+    journal_seq: int
+
+
+@dataclass(frozen=True)
+class _Duplicate:
+    from_predict: bool
+
+
+@dataclass
+class _Pending:
+    seq: int
+    event: Event
+    label: int
+    future: Future | None  # a RecordOutcome waiting for this outcome to be learned
+    from_predict: bool
+    predicted: Predicted | None  # what a Predict with this event_id forecast: live scoring
+
+
+@dataclass(frozen=True)
 class Published:
     """What the owner publishes after each batch; read by any thread, never changed."""
 
@@ -64,12 +93,16 @@ class Published:
     serving: ServingStats  # thread-safe: predicting threads record into it
     stats: dict[str, Any]  # TransformerFusion.get_training_stats() at publication
     applied_seq: int  # last journal sequence number learned
+    journal_seq: int  # last journal sequence number committed
+    training_lag: int  # outcomes journaled but not learned yet
     last_checkpoint: str
+    live: dict[str, Any]  # LiveScorer.snapshot()
+    last_outcome_time: float  # unix time of the last outcome learned; 0 if none since start
 
 
 @dataclass
 class _Work:
-    kind: str  # "outcome", "remember", "save", "restore", "list", "stop"
+    kind: str  # "outcome", "bulk", "remember", "save", "restore", "list", "stop"
     payload: Any
     deadline: float | None = None  # time.monotonic() by which it must start
     future: Future | None = None
@@ -79,22 +112,28 @@ class ModelOwner:
     def __init__(self, fusion: TransformerFusion, journal: Journal, store: CheckpointStore, *,
                  queue_size: int = 1024, checkpoint_every: int = 1000,
                  on_publish: Callable[[Published], None] | None = None,
-                 on_outcome: Callable[[bool], None] | None = None):
+                 on_outcome: Callable[[bool], None] | None = None, scorer: LiveScorer | None = None,
+                 on_checkpoint: Callable[[str, bool], None] | None = None):
         self._fusion = fusion
+        self._scorer = scorer or LiveScorer()
+        self._last_outcome_time = 0.0
         self._journal = journal
         self._store = store
         self._queue: queue.Queue[_Work] = queue.Queue(maxsize=queue_size)
         self._checkpoint_every = checkpoint_every
         self._on_publish = on_publish or (lambda p: None)
         self._on_outcome = on_outcome or (lambda duplicate: None)
-        self._applied_seq = 0
+        self._on_checkpoint = on_checkpoint or (lambda action, ok: None)  # ("save"|"restore", succeeded)
+        self._applied_seq = 0  # last journal seq the model has learned
+        self._journal_seq = 0  # last journal seq committed
+        self._schema_ahead = fusion.schema  # the schema as of the journal's head (validation)
+        self._pending: deque[_Pending] = deque()  # journaled, not yet learned, in seq order
         self._since_checkpoint = 0
         self._last_checkpoint = ""
         self._accepting = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
-        self.dropped_remembers = 0
         self.published: Published | None = None
         self._replies: list[tuple[Future, Any, BaseException | None]] = []  # answered after publishing
 
@@ -105,7 +144,7 @@ class ModelOwner:
         self._thread.start()
 
     def stop(self, *, checkpoint: bool = True, timeout: float | None = None) -> None:
-        """Stop taking work, finish what is queued, save a checkpoint if anything is unsaved."""
+        """Stop taking work, learn what is journaled, save a checkpoint if anything is unsaved."""
         if self._thread is None:
             return
         self._accepting = False
@@ -118,24 +157,33 @@ class ModelOwner:
         return self._queue.qsize()
 
     # ------------------------------------------------------------------ called by handler threads
-    def submit(self, kind: str, payload: Any, deadline: float | None = None) -> Future:
+    def submit(self, kind: str, payload: Any, deadline: float | None = None, *, block: bool = False) -> Future:
+        """Queue work for the owner. Full queue: OverloadedError at once, or with `block`, wait for
+        room until the deadline (a bulk stream's back-pressure)."""
         if not self._accepting:
             raise ShuttingDownError("the service is shutting down")
         if not self.ready.is_set():
             raise NotReadyError("the service is starting: loading its checkpoint and replaying its journal")
         fut: Future = Future()
         try:
-            self._queue.put_nowait(_Work(kind, payload, deadline, fut))
+            if block:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._queue.put(_Work(kind, payload, deadline, fut), timeout=timeout)
+            else:
+                self._queue.put_nowait(_Work(kind, payload, deadline, fut))
         except queue.Full:
             raise OverloadedError(f"the model owner's queue is full ({self._queue.maxsize} items)") from None
         return fut
 
-    def remember(self, items: Sequence[tuple[str, Event]]) -> None:
-        """Keep Predict inputs for RecordOutcome by event_id; dropped (and counted) when the queue is full."""
+    def remember(self, items: Sequence[tuple]) -> bool:
+        """Keep Predicts with an event_id (inputs and forecasts) for RecordOutcome by event_id and
+        live scoring. False when the queue is full: those Predicts must then be refused, since a
+        later RecordOutcome by their event_id could not find them."""
         try:
             self._queue.put_nowait(_Work("remember", items))
         except queue.Full:
-            self.dropped_remembers += len(items)
+            return False
+        return True
 
     # ------------------------------------------------------------------ the owner thread
     def _run(self) -> None:
@@ -148,29 +196,30 @@ class ModelOwner:
             return
         self.ready.set()
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._take(block=not self._pending)
             stop = None
             i = 0
             while i < len(batch):
                 w = batch[i]
-                if w.kind == "outcome":
+                if w.kind == "outcome":  # consecutive outcomes share one journal transaction
                     j = i
                     while j < len(batch) and batch[j].kind == "outcome":
                         j += 1
-                    self._outcomes(batch[i:j])
+                    self._commit_outcomes(batch[i:j])
                     i = j
                     continue
                 if w.kind == "stop":
                     stop = w
+                elif w.kind == "bulk":
+                    self._commit_bulk(w)
                 else:
                     self._one(w)
                 i += 1
-            if self._checkpoint_every and self._since_checkpoint >= self._checkpoint_every:
+            # Learn what is journaled, in slices, publishing between them: a short one when more
+            # work waits (commits stay quick), a longer one when idle (catching up with a bulk replay).
+            if stop is None:
+                self._learn_pending(LEARN_SLICE_SECONDS if not self._queue.empty() else CATCH_UP_SLICE_SECONDS)
+            if self._checkpoint_every and self._since_checkpoint >= self._checkpoint_every and not self._pending:
                 self._auto_checkpoint()
             self._publish()
             self._answer()
@@ -181,31 +230,58 @@ class ModelOwner:
                     self._publish()
                 return
 
+    def _take(self, block: bool) -> list[_Work]:
+        """What is queued now (waiting for the first item only when there is nothing to learn)."""
+        batch: list[_Work] = []
+        if block:
+            batch.append(self._queue.get())
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def _drain_after_stop(self) -> None:
+        self._learn_pending(None)
         while True:
             try:
                 w = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if w.future is not None:
-                w.future.set_exception(ShuttingDownError("the service is shutting down"))
+                self._reply(w.future, error=ShuttingDownError("the service is shutting down"))
+        self._answer()
 
     def _recover(self) -> None:
         info = self._store.load_newest_valid(self._fusion)
         self._applied_seq = info.applied_seq if info else 0
         self._last_checkpoint = info.name if info else ""
+        self._scorer.load(info.extra.get("live") if info else None)
         replayed = 0
         for jo in self._journal.outcomes_after(self._applied_seq):
             try:
                 self._fusion.learn(jo.event, jo.label)
+                self._score(self._journal.predicted(jo.event_id) if jo.event_id else None, jo.label)
                 replayed += 1
             except FusionInputError as e:  # only if the configuration changed under the journal
                 log.error("journal outcome seq=%d no longer fits the model and is skipped: %s", jo.seq, e)
             self._applied_seq = jo.seq
             self._since_checkpoint += 1
+        self._journal_seq = max(self._applied_seq, self._journal.last_seq())
+        self._applied_seq = self._journal_seq
+        self._last_outcome_time = self._journal.last_recorded_at()  # so "no outcomes for N hours" survives restarts
+        self._schema_ahead = self._fusion.schema
         log.info("recovered: checkpoint %s (journal seq %d), replayed %d outcomes, now at seq %d",
                  info.name if info else "none", info.applied_seq if info else 0, replayed, self._applied_seq)
         self._publish()
+
+    def _publish(self) -> None:
+        f = self._fusion
+        self.published = Published(f.snapshot(), f.serving_stats, f.get_training_stats(), self._applied_seq,
+                                   self._journal_seq, len(self._pending), self._last_checkpoint,
+                                   self._scorer.snapshot(), self._last_outcome_time)
+        self._on_publish(self.published)
 
     def _reply(self, fut: Future | None, result: Any = None, error: BaseException | None = None) -> None:
         if fut is not None:
@@ -220,94 +296,148 @@ class ModelOwner:
             else:
                 fut.set_result(result)
 
-    def _publish(self) -> None:
-        f = self._fusion
-        self.published = Published(f.snapshot(), f.serving_stats, f.get_training_stats(),
-                                   self._applied_seq, self._last_checkpoint)
-        self._on_publish(self.published)
+    # ------------------------------------------------------------------ outcomes
+    def _validate(self, event: Event | None, event_id: str) -> tuple[Event | None, bool, Predicted | None]:
+        """Resolve an outcome's inputs (from an earlier Predict if it has none) and check them
+        against the schema as of the journal's head. Returns (event, from_predict, the Predict with
+        this event_id if any); event None means a duplicate known only by its event_id. Raises
+        FusionInputError."""
+        from_predict = False
+        predicted = self._journal.predicted(event_id) if event_id else None
+        if event is None:
+            if predicted is None:
+                if self._journal.has_outcome(event_id):
+                    return None, False, None
+                raise UnknownEventError("event_id", f"no Predict with event_id {event_id!r} within the last "
+                                        f"{self._journal.horizon_seconds:g} s; send the experts and features")
+            event = predicted.event
+            from_predict = True
+        schema = self._schema_ahead
+        if len(event.experts) != schema.n_models:
+            raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
+                                   "an outcome with another expert count cannot be learned")
+        r = schema.resolve(event, "experts")
+        if r.expert_names is not None or r.feature_names is not None:
+            self._schema_ahead = replace(
+                schema, expert_names=schema.expert_names or r.expert_names,
+                feature_names=schema.feature_names if schema.feature_names is not None else r.feature_names)
+        return event, from_predict, predicted
 
-    def _outcomes(self, items: list[_Work]) -> None:
-        """Validate, journal in one transaction, then learn in journal order and acknowledge."""
+    def _journal_rows(self, rows: list[tuple[Event | None, str, int]]) -> list[int | None] | Exception:
+        """Commit the rows that have inputs in one transaction; seq per row (None = duplicate)."""
+        to_journal = [(eid or None, ev, label) for ev, eid, label in rows if ev is not None]
+        try:
+            seqs = iter(self._journal.append_outcomes(to_journal)) if to_journal else iter(())
+        except Exception as e:
+            log.exception("journal commit failed")
+            return e
+        out = [next(seqs) if ev is not None else None for ev, _, _ in rows]
+        self._journal_seq = max([self._journal_seq] + [s for s in out if s is not None])
+        return out
+
+    def _commit_outcomes(self, items: list[_Work]) -> None:
+        """RecordOutcome: validate, journal in one transaction, queue for learning. Each is
+        answered once learned and published; a duplicate at once (with the rest of the batch)."""
         now = time.monotonic()
-        schema = self._fusion.schema
-        live = []
+        live: list[tuple[_Work, Event | None, str, int, bool, Predicted | None]] = []
         for w in items:
             if w.deadline is not None and now > w.deadline:
                 self._reply(w.future, error=DeadlineExpiredError("the deadline passed while the outcome was queued"))
                 continue
             event, event_id, label = w.payload
-            from_predict = False
             try:
-                if event is None:
-                    event = self._journal.predicted_event(event_id)
-                    if event is None:
-                        if self._journal.has_outcome(event_id):
-                            live.append((w, None, event_id, label, False))  # a duplicate after all
-                            continue
-                        raise UnknownEventError("event_id", f"no Predict with event_id {event_id!r} within the last "
-                                                f"{self._journal.horizon_seconds:g} s; send the experts and features")
-                    from_predict = True
-                if len(event.experts) != schema.n_models:
-                    raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
-                                           "an outcome with another expert count cannot be learned")
-                r = schema.resolve(event)
-                if r.expert_names is not None or r.feature_names is not None:
-                    schema = replace(schema, expert_names=schema.expert_names or r.expert_names,
-                                     feature_names=schema.feature_names if schema.feature_names is not None
-                                     else r.feature_names)
+                event, from_predict, predicted = self._validate(event, event_id)
             except FusionInputError as e:
                 self._reply(w.future, error=e)
                 continue
-            live.append((w, event, event_id, label, from_predict))
-        to_journal = [(eid or None, ev, label) for w, ev, eid, label, _ in live if ev is not None]
-        try:
-            seqs = iter(self._journal.append_outcomes(to_journal)) if to_journal else iter(())
-        except Exception as e:
-            log.exception("journal commit failed")
+            live.append((w, event, event_id, label, from_predict, predicted))
+        seqs = self._journal_rows([(ev, eid, label) for _, ev, eid, label, _, _ in live])
+        if isinstance(seqs, Exception):
             for w, *_ in live:
-                self._reply(w.future, error=e)
+                self._reply(w.future, error=seqs)
             return
-        f = self._fusion
-        for w, event, event_id, label, from_predict in live:
-            seq = next(seqs) if event is not None else None
+        for (w, event, event_id, label, from_predict, predicted), seq in zip(live, seqs):
             if seq is None:
                 self._on_outcome(True)
-                self._reply(w.future, OutcomeAck(True, f.samples_trained, f.version, from_predict, None))
-                continue
-            try:
-                f.learn(event, label)
-            except Exception as e:  # validated above: a bug. The journal keeps it for the record.
-                log.exception("learning journaled outcome seq=%d failed", seq)
-                self._reply(w.future, error=e)
-                continue
-            finally:
-                self._applied_seq = seq
-            self._since_checkpoint += 1
-            self._on_outcome(False)
-            self._reply(w.future, OutcomeAck(False, f.samples_trained, f.version, from_predict, seq))
+                self._reply(w.future, _Duplicate(from_predict))
+            else:
+                self._pending.append(_Pending(seq, event, label, w.future, from_predict, predicted))
 
+    def _commit_bulk(self, w: _Work) -> None:
+        """RecordOutcomes chunk: validate, journal in one transaction, answer at once (before
+        learning: bulk replay lets training trail the journal)."""
+        if w.deadline is not None and time.monotonic() > w.deadline:
+            w.future.set_exception(DeadlineExpiredError("the deadline passed while the chunk was queued"))
+            return
+        results: list[tuple[str, Any]] = []
+        rows = []
+        for index, (event, event_id, label) in w.payload:
+            try:
+                event, _, predicted = self._validate(event, event_id)
+            except FusionInputError as e:
+                results.append(("rejected", (index, event_id, e)))
+                continue
+            rows.append((index, event, event_id, label, predicted))
+        seqs = self._journal_rows([(ev, eid, label) for _, ev, eid, label, _ in rows])
+        if isinstance(seqs, Exception):
+            w.future.set_exception(seqs)
+            return
+        for (index, event, event_id, label, predicted), seq in zip(rows, seqs):
+            if seq is None:
+                self._on_outcome(True)
+                results.append(("duplicate", (index, event_id)))
+            else:
+                self._pending.append(_Pending(seq, event, label, None, False, predicted))
+                results.append(("accepted", (index, seq)))
+        w.future.set_result(BulkAck(results, self._journal_seq))
+
+    def _learn_pending(self, slice_seconds: float | None) -> None:
+        """Learn journaled outcomes in seq order: all of them, or for about `slice_seconds`."""
+        f = self._fusion
+        started = time.monotonic()
+        while self._pending:
+            p = self._pending.popleft()
+            try:
+                f.learn(p.event, p.label)
+            except Exception as e:  # validated at commit: a bug. The journal keeps the outcome.
+                log.exception("learning journaled outcome seq=%d failed", p.seq)
+                self._reply(p.future, error=e)
+            else:
+                self._score(p.predicted, p.label)
+                self._on_outcome(False)
+                self._reply(p.future, OutcomeAck(False, f.samples_trained, f.version, p.from_predict, p.seq))
+            self._applied_seq = p.seq
+            self._last_outcome_time = time.time()
+            self._since_checkpoint += 1
+            if slice_seconds is not None and time.monotonic() - started > slice_seconds:
+                break
+        # a duplicate answered in this batch reports the model as it now stands
+        self._replies = [(fut, OutcomeAck(True, f.samples_trained, f.version, r.from_predict, None)
+                          if isinstance(r, _Duplicate) else r, err) for fut, r, err in self._replies]
+
+    def _score(self, predicted: Predicted | None, label: int) -> None:
+        """Live shadow scoring of a predicted event (see server/live.py)."""
+        if predicted is not None and predicted.fusion is not None:
+            self._scorer.observe(predicted.served, predicted.fusion, predicted.average, label)
+
+    # ------------------------------------------------------------------ checkpoints
     def _one(self, w: _Work) -> None:
+        if w.kind in ("save", "restore"):
+            try:
+                self._checkpoint_action(w)
+            except Exception as e:
+                self._on_checkpoint(w.kind, False)
+                self._reply(w.future, error=e)
+            else:
+                self._on_checkpoint(w.kind, True)
+            return
         try:
             if w.kind == "remember":
                 self._journal.remember_predictions(w.payload)
                 return
             if w.deadline is not None and time.monotonic() > w.deadline:
                 raise DeadlineExpiredError("the deadline passed while the request was queued")
-            if w.kind == "save":
-                name = check_name(w.payload) if w.payload else f"step-{self._fusion.version}"
-                info = self._store.save(self._fusion, name, self._applied_seq)
-                self._last_checkpoint = info.name
-                self._since_checkpoint = 0
-                self._reply(w.future, [info])
-            elif w.kind == "restore":
-                info = self._store.load(self._fusion, check_name(w.payload))
-                # Outcomes journaled after that checkpoint are undone by the restore: an automatic
-                # checkpoint of the restored model, at the journal's head, makes recovery agree.
-                self._applied_seq = self._journal.last_seq()
-                self._auto_checkpoint()
-                self._last_checkpoint = info.name
-                self._reply(w.future, [info])
-            elif w.kind == "list":
+            if w.kind == "list":
                 self._reply(w.future, self._store.list())
             else:
                 raise ValueError(f"unknown work kind {w.kind!r}")
@@ -317,12 +447,43 @@ class ModelOwner:
             else:
                 self._reply(w.future, error=e)
 
+    def _checkpoint_action(self, w: _Work) -> None:
+        """Checkpoint save or restore; raises on failure (counted by the caller)."""
+        if w.deadline is not None and time.monotonic() > w.deadline:
+            raise DeadlineExpiredError("the deadline passed while the request was queued")
+        if w.kind == "save":
+            name = check_name(w.payload, saving=True) if w.payload else None
+            self._learn_pending(None)  # a checkpoint holds every outcome acknowledged before it
+            info = self._store.save(self._fusion, name or f"step-{self._fusion.version}", self._applied_seq,
+                                    {"live": self._scorer.state()})
+            self._last_checkpoint = info.name
+            self._since_checkpoint = 0
+            self._reply(w.future, [info])
+        else:  # restore
+            info = self._store.load(self._fusion, check_name(w.payload))
+            self._scorer.load(info.extra.get("live"))
+            # Outcomes journaled after that checkpoint (learned or not) are undone by the
+            # restore: an automatic checkpoint of the restored model at the journal's head
+            # makes a later recovery agree.
+            undone = list(self._pending)
+            self._pending.clear()
+            for p in undone:
+                self._reply(p.future, OutcomeAck(False, self._fusion.samples_trained, self._fusion.version,
+                                                 p.from_predict, p.seq))
+            self._applied_seq = self._journal_seq = max(self._journal_seq, self._journal.last_seq())
+            self._schema_ahead = self._fusion.schema
+            self._auto_checkpoint()
+            self._last_checkpoint = info.name
+            self._reply(w.future, [info])
+
     def _auto_checkpoint(self) -> None:
         try:
-            info = self._store.save(self._fusion, None, self._applied_seq)
+            info = self._store.save(self._fusion, None, self._applied_seq, {"live": self._scorer.state()})
         except Exception:
             log.exception("automatic checkpoint failed; the journal keeps every outcome since the last one")
+            self._on_checkpoint("save", False)
             return
+        self._on_checkpoint("save", True)
         self._last_checkpoint = info.name
         self._since_checkpoint = 0
         self._journal.prune(self._applied_seq)
@@ -391,15 +552,25 @@ class Predictor:
                 continue
             pub = self._owner.published
             try:
-                preds: list[Prediction | Exception] = pub.snapshot.predict([s.event for s in batch])
+                preds: list[Prediction | Exception] = pub.snapshot.predict([s.event for s in batch], "experts")
                 if self.override is not None:
                     preds = self.override(preds)
-                pub.serving.record(preds, pub.snapshot.schema.names)
+                fused = list(preds)
+                remember = []
+                for i, (s, p) in enumerate(zip(batch, preds)):
+                    if not isinstance(p, Prediction):
+                        continue
+                    fusion = p.prob_up if p.source == SOURCE_FUSION else None
+                    if fusion is not None and pub.live["underperforming"]:
+                        preds[i] = p = average_prediction(s.event, REASON_UNDERPERFORMING, p.model_version)
+                    if s.event_id:
+                        remember.append((s.event_id, s.event, p.prob_up, fusion, plain_average(s.event.experts)))
+                pub.serving.record(fused, pub.snapshot.schema.names, served=preds)  # attention: served or not
+                if remember and not self._owner.remember(remember):
+                    refused = OverloadedError("the model owner's queue is full: the inputs of a Predict with an "
+                                              "event_id cannot be kept; retry, or predict without event_id")
+                    preds = [refused if isinstance(p, Prediction) and s.event_id else p for s, p in zip(batch, preds)]
                 self._on_predictions(preds)
-                remember = [(s.event_id, s.event) for s, p in zip(batch, preds)
-                            if s.event_id and isinstance(p, Prediction)]
-                if remember:
-                    self._owner.remember(remember)
             except Exception as e:  # a bug: every Predict of the batch gets it, none hangs
                 log.exception("batched predict failed")
                 preds = [e] * len(batch)

@@ -10,7 +10,7 @@ codes in ONE place, `_rpc`:
     IncompatibleCheckpointError  FAILED_PRECONDITION
     OverloadedError              RESOURCE_EXHAUSTED (gRPC itself answers it for oversized messages)
     NotReadyError, ShuttingDownError   UNAVAILABLE
-    DeadlineExpiredError         DEADLINE_EXCEEDED  (the work was not done)
+    DeadlineExpiredError         DEADLINE_EXCEEDED  (not done if it had not started; see docs/errors.md)
     anything else                INTERNAL, with a generic message; the trace goes to the log
 
     >>> from titan_fusion.server.settings import ServiceConfig
@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent import futures
 from pathlib import Path
 from typing import Any, Callable
@@ -37,17 +38,19 @@ from titan_fusion.client.client import SERVER_KEEPALIVE_OPTIONS
 from titan_fusion.client.pb import fusion_pb2 as pb
 from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 
-from .errors import (CheckpointError, CheckpointNotFoundError, DeadlineExpiredError, FusionError,
+from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, DeadlineExpiredError, FusionError,
                      FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
                      ShuttingDownError, UnknownEventError)
-from .events import parse_event_id, parse_experts, parse_features
+from .events import MAX_EVENT_ID_LENGTH, parse_event_id, parse_experts, parse_features
 from .fusion import TransformerFusion
 from .inference import Event, Prediction
 from .journal import Journal
+from .live import LiveScorer
 from .metrics import Metrics
-from .owner import ModelOwner, OutcomeAck, Predictor, Published
+from .owner import BulkAck, ModelOwner, OutcomeAck, Predictor, Published
+from . import security
 from .settings import ServiceConfig
-from .store import CheckpointInfo, CheckpointStore
+from .store import CheckpointInfo, CheckpointStore, check_name
 
 log = logging.getLogger("titan_fusion.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FusionService"].full_name  # titan.fusion.v1.FusionService
@@ -63,6 +66,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ClientGoneError, grpc.StatusCode.CANCELLED),
 )
 
 SOURCE_TO_PB = {"fusion": pb.SOURCE_FUSION, "average": pb.SOURCE_AVERAGE, None: pb.SOURCE_UNSPECIFIED}
@@ -71,6 +75,9 @@ REASON_TO_PB = {None: pb.FALLBACK_REASON_UNSPECIFIED, "disabled": pb.FALLBACK_RE
                 "wrong_expert_count": pb.FALLBACK_REASON_WRONG_EXPERT_COUNT,
                 "underperforming": pb.FALLBACK_REASON_UNDERPERFORMING}
 DIRECTION_FROM_PB = {pb.DIRECTION_UP: 1, pb.DIRECTION_DOWN: 0}
+BULK_CHUNK = 512  # RecordOutcomes rows per owner work item (one journal transaction)
+BULK_INFLIGHT = 2  # chunks of one stream queued at the owner at once
+MAX_LISTED_REJECTIONS = 100
 
 
 def status_of(e: Exception) -> grpc.StatusCode:
@@ -131,11 +138,42 @@ def event_from_proto(experts: Any, features: Any) -> Event:
     return Event(parse_experts(outputs, field="experts"), parse_features(dict(features)))
 
 
+def outcome_from_proto(request: pb.RecordOutcomeRequest) -> tuple[Event | None, str, int]:
+    """(event or None for "the inputs of the Predict with this event_id", event_id, label)."""
+    label = DIRECTION_FROM_PB.get(request.actual_direction)
+    if label is None:
+        d = request.actual_direction
+        raise FusionInputError("actual_direction", "must be DIRECTION_UP or DIRECTION_DOWN, got "
+                               f"{pb.Direction.Name(d) if d in pb.Direction.values() else d}")
+    event_id = parse_event_id(request.event_id)
+    if request.experts:
+        return event_from_proto(request.experts, request.features), event_id, label
+    if request.features:
+        raise FusionInputError("experts", "features were sent without experts")
+    if not event_id:
+        raise FusionInputError("experts", "required, unless event_id names an earlier Predict")
+    return None, event_id, label
+
+
 def prediction_to_proto(p: Prediction, event_id: str) -> pb.PredictResponse:
     return pb.PredictResponse(
         prob_up=p.prob_up, prob_down=p.prob_down, source=SOURCE_TO_PB[p.source], reason=REASON_TO_PB[p.reason],
         attention=[pb.ExpertWeight(name=n, weight=w) for n, w in p.attention.items()],
         model_version=p.model_version, event_id=event_id)
+
+
+def live_to_proto(live: dict) -> pb.LiveScores:
+    def score(s: dict) -> pb.SourceScore:
+        return pb.SourceScore(outcomes=s["n"], accuracy=_or_nan(s["accuracy"]), log_loss=_or_nan(s["log_loss"]),
+                              brier=_or_nan(s["brier"]), ece=_or_nan(s["ece"]))
+    src = live["sources"]
+    return pb.LiveScores(served=score(src["served"]), fusion=score(src["fusion"]), average=score(src["average"]),
+                         underperforming=live["underperforming"], switches=live["switches"],
+                         log_loss_excess=_or_nan(live["excess"]), window=live["window"])
+
+
+def _or_nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def checkpoint_to_proto(i: CheckpointInfo) -> pb.CheckpointInfo:
@@ -176,24 +214,62 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
 
     @_rpc("RecordOutcome")
     def RecordOutcome(self, request: pb.RecordOutcomeRequest, context: grpc.ServicerContext) -> pb.RecordOutcomeResponse:
-        label = DIRECTION_FROM_PB.get(request.actual_direction)
-        if label is None:
-            raise FusionInputError("actual_direction", "must be DIRECTION_UP or DIRECTION_DOWN, got "
-                                   f"{pb.Direction.Name(request.actual_direction) if request.actual_direction in pb.Direction.values() else request.actual_direction}")
-        event_id = parse_event_id(request.event_id)
-        if request.experts:
-            event = event_from_proto(request.experts, request.features)
-        elif request.features:
-            raise FusionInputError("experts", "features were sent without experts")
-        elif not event_id:
-            raise FusionInputError("experts", "required, unless event_id names an earlier Predict")
-        else:
-            event = None
-        ack: OutcomeAck = _wait(self._owner.submit("outcome", (event, event_id, label), _deadline(context)),
-                                _deadline(context))
+        outcome = outcome_from_proto(request)
+        ack: OutcomeAck = _wait(self._owner.submit("outcome", outcome, _deadline(context)), _deadline(context))
         self._counters.add("duplicates" if ack.duplicate else "outcomes")
         return pb.RecordOutcomeResponse(duplicate=ack.duplicate, samples_trained=ack.samples_trained,
                                         model_version=ack.model_version, used_predict_inputs=ack.used_predict_inputs)
+
+    @_rpc("RecordOutcomes")
+    def RecordOutcomes(self, request_iterator: Any, context: grpc.ServicerContext) -> pb.RecordOutcomesResponse:
+        deadline = _deadline(context)
+        resp = pb.RecordOutcomesResponse()
+        inflight: deque[futures.Future] = deque()
+
+        def collect(fut: futures.Future) -> None:
+            ack: BulkAck = _wait(fut, deadline)
+            for kind, detail in ack.results:
+                if kind == "accepted":
+                    resp.accepted += 1
+                elif kind == "duplicate":
+                    resp.duplicates += 1
+                else:
+                    index, event_id, error = detail
+                    reject(index, event_id, error)
+            resp.journal_sequence = max(resp.journal_sequence, ack.journal_seq)
+
+        def reject(index: int, event_id: str, error: Exception) -> None:
+            resp.rejected += 1
+            if len(resp.rejected_outcomes) < MAX_LISTED_REJECTIONS:
+                resp.rejected_outcomes.add(index=index, event_id=event_id, code=status_of(error).name,
+                                           message=str(error))
+
+        chunk: list = []
+        rows = enumerate(request_iterator)
+        while True:
+            try:
+                index, request = next(rows)
+            except StopIteration:
+                break
+            except grpc.RpcError:  # the client cancelled or broke the stream: what was sent stays sent
+                log.info("a RecordOutcomes stream ended early after %d rows", resp.accepted + resp.rejected)
+                raise ClientGoneError("the client ended the stream") from None
+            try:
+                chunk.append((index, outcome_from_proto(request)))
+            except FusionInputError as e:
+                reject(index, request.event_id[:MAX_EVENT_ID_LENGTH], e)
+            if len(chunk) >= BULK_CHUNK:
+                inflight.append(self._owner.submit("bulk", chunk, deadline, block=True))
+                chunk = []
+                while len(inflight) > BULK_INFLIGHT:  # back-pressure: at most this many chunks queued
+                    collect(inflight.popleft())
+        if chunk:
+            inflight.append(self._owner.submit("bulk", chunk, deadline, block=True))
+        while inflight:
+            collect(inflight.popleft())
+        self._counters.add("outcomes", resp.accepted)
+        self._counters.add("duplicates", resp.duplicates)
+        return resp
 
     @_rpc("Stats")
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
@@ -208,9 +284,11 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                                     last_source=SOURCE_TO_PB[s["last_source"]], last_reason=REASON_TO_PB[s["last_reason"]])
         c = self._counters.snapshot()
         service = pb.ServiceStats(**c, queue_depth=self._owner.queue_depth + self._predictor.depth,
-                                  uptime_seconds=time.monotonic() - self._started, last_checkpoint=pub.last_checkpoint)
+                                  uptime_seconds=time.monotonic() - self._started, last_checkpoint=pub.last_checkpoint,
+                                  journal_sequence=pub.journal_seq, applied_sequence=pub.applied_seq,
+                                  training_lag=pub.training_lag)
         attention = [pb.ExpertWeight(name=n, weight=w) for n, w in pub.serving.weights(names).items()]
-        return pb.StatsResponse(training=training, attention=attention, service=service)
+        return pb.StatsResponse(training=training, attention=attention, service=service, live=live_to_proto(pub.live))
 
     @_rpc("Checkpoint")
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
@@ -222,9 +300,9 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
             raise FusionInputError("name", "required to restore a checkpoint")
         if kind == "list" and request.name:
             raise FusionInputError("name", "must be empty to list checkpoints")
+        if request.name:
+            check_name(request.name, saving=kind == "save")
         infos = _wait(self._owner.submit(kind, request.name, _deadline(context)), _deadline(context))
-        if kind != "list":
-            self._metrics.count_checkpoint(kind)
         return pb.CheckpointResponse(checkpoints=[checkpoint_to_proto(i) for i in infos])
 
 
@@ -250,8 +328,30 @@ class FusionService:
 
     def __init__(self, config: ServiceConfig, *, registry: Any = None):
         self.config = config
+        # Read the token and TLS files first: a ConfigError naming the parameter, nothing to undo.
+        self.tokens = security.TokenSource.from_config(config)
+        credentials = security.server_credentials(config)
         data = Path(config.data_dir)
         self._lock = DataDirLock(data)
+        self.journal: Journal | None = None
+        try:
+            self._build(config, registry, data, credentials)
+        except BaseException as e:
+            self._release()
+            if isinstance(e, RuntimeError):  # grpcio raises it when it cannot bind the port
+                raise FusionError(f"cannot listen on {config.host}:{config.port}: {e}") from None
+            raise
+        security.log_posture(config, self.tokens)
+        self.metrics_port: int | None = None
+        self._stopped = False
+        self._serving = threading.Event()
+
+    def _release(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        self._lock.release()
+
+    def _build(self, config: ServiceConfig, registry: Any, data: Path, credentials: Any) -> None:
         self.metrics = Metrics(registry)
         self.counters = _Counters()
         self.fusion = TransformerFusion(config.fusion, n_models=config.n_models)
@@ -261,29 +361,42 @@ class FusionService:
         self.store = CheckpointStore(data / "checkpoints", keep=config.checkpoints_keep)
         self.owner = ModelOwner(self.fusion, self.journal, self.store, queue_size=config.queue_size,
                                 checkpoint_every=config.checkpoint_every, on_publish=self._published,
-                                on_outcome=lambda dup: self.metrics.count_outcome(dup))
+                                on_outcome=lambda dup: self.metrics.count_outcome(dup),
+                                on_checkpoint=self.metrics.count_checkpoint,
+                                scorer=LiveScorer(config.live_window, config.underperform_margin,
+                                                  config.underperform_min_outcomes))
         self.predictor = Predictor(self.owner, max_pending=config.predict_queue_size,
                                    on_predictions=self._predicted)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         options = [*SERVER_KEEPALIVE_OPTIONS,
                    ("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes)]
+        # Security (server/security.py): ONE interceptor checks the bearer token; TLS from files.
+        def refused(method: str, code: grpc.StatusCode) -> None:  # counted like any failed RPC
+            name = method.rsplit("/", 1)[-1]
+            if method.startswith(f"/{SERVICE_NAME}/") and name in self.metrics.methods:
+                self.metrics.observe_rpc(name, 0.0, code.name)
+            self.counters.add("errors")
+
+        interceptor = security.TokenInterceptor(security.AccessPolicy(config, self.tokens), on_refused=refused)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers,
-                                                             thread_name_prefix="grpc"), options=options)
+                                                             thread_name_prefix="grpc"), options=options,
+                                  interceptors=[interceptor])
         self._started = time.monotonic()
         pb_grpc.add_FusionServiceServicer_to_server(
             FusionServicer(self.owner, self.predictor, self.metrics, self.counters, self._started), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise FusionError(f"cannot listen on {config.host}:{config.port}")
-        self.metrics_port: int | None = None
-        self._stopped = False
 
     def _published(self, pub: Published) -> None:
         self.metrics.observe_training(pub.stats)
         self.metrics.observe_attention(pub.serving.weights(pub.snapshot.schema.names))
+        self.metrics.observe_live(pub.live, pub.last_outcome_time)
         self.metrics.set_queue_depth("owner", self.owner.queue_depth)
 
     def _predicted(self, preds: list) -> None:
@@ -296,7 +409,13 @@ class FusionService:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.metrics_port >= 0:
-            _, self.metrics_port = self.metrics.start_http_server(self.config.metrics_port, self.config.metrics_host)
+            try:
+                _, self.metrics_port = self.metrics.start_http_server(self.config.metrics_port, self.config.metrics_host)
+            except OSError as e:
+                self._stopped = True
+                self._release()
+                raise FusionError(f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
+                                  f"{e.strerror or e}") from None
         self.server.start()
         self.owner.start()
         threading.Thread(target=self._announce_ready, name="ready-watch", daemon=True).start()
@@ -312,12 +431,13 @@ class FusionService:
         if not self._stopped:
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._serving.set()
             log.info("serving: %d outcomes learned, model version %d", self.fusion.samples_trained, self.fusion.version)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once the model is recovered and the service SERVING; False on timeout or failure."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.owner.ready.wait(0.05):
+        while not self._serving.wait(0.05):
             if self.owner.failed is not None or (deadline is not None and time.monotonic() > deadline):
                 return False
         return True
@@ -332,9 +452,8 @@ class FusionService:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.owner.stop(checkpoint=True)
-        self.journal.close()
         self.metrics.stop()
-        self._lock.release()
+        self._release()
         log.info("stopped")
 
 

@@ -29,6 +29,9 @@ when it came from a file, variable or flag, that origin:
     titan_fusion.server.errors.ConfigError: service.port: must be in [0, 65535], got 70000 (from --port)
 
 `describe_settings()` lists every parameter with its default and meaning (the README's table).
+
+Secrets (`service.token`): never part of an error message, a log line, `repr()` or `to_dict()`
+(which shows "********" when one is set). See docs/security.md.
 """
 from __future__ import annotations
 
@@ -85,7 +88,27 @@ class ServiceConfig:
     # many (or older than event_horizon_seconds) are pruned.
     journal_keep_outcomes: int = 100_000
     journal_keep_predictions: int = 100_000
+    # Live shadow scoring (server/live.py): the window of scored outcomes, and the switch to the
+    # plain average when the fusion's log loss exceeds the average's by more than the margin.
+    live_window: int = 500
+    underperform_margin: float = 0.01
+    underperform_min_outcomes: int = 200
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL
+    # --- security (docs/security.md) ---
+    # TLS on the gRPC port: PEM certificate chain and private key; both or neither (plaintext).
+    # Re-read when the files change, at the next new connection: rotation needs no restart.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # PEM CA bundle: set, every client must present a certificate signed by it (mutual TLS).
+    tls_client_ca_file: str = ""
+    # The bearer token required on the mutating RPCs ("authorization: Bearer <token>"). A secret:
+    # never logged, masked in repr() and to_dict(). Prefer the environment (TITAN_FUSION_TOKEN) or
+    # token_file to a flag, which other users see in the process list. Empty: nothing is protected.
+    token: str = field(default="", repr=False)
+    # A file holding the token(s), one per line (several: rotation); re-read when it changes.
+    token_file: str = ""
+    protect_reads: bool = False  # Predict, Stats and reflection need the token too
+    protect_health: bool = False  # the gRPC health service needs the token too
     fusion: FusionConfig = field(default_factory=FusionConfig)  # the model's parameters
 
     def __post_init__(self) -> None:
@@ -94,6 +117,8 @@ class ServiceConfig:
     def to_dict(self) -> dict[str, Any]:
         """{"service": {...}, "fusion": {...}} with plain names, JSON-able: the TOML file's layout."""
         service = {name: getattr(self, name) for name in SERVICE_FIELDS}
+        for name in SECRET_FIELDS:  # a dump never shows a secret, only whether one is set
+            service[name] = MASK if service[name] else ""
         return {"service": service, "fusion": self.fusion.to_dict()}
 
     def replace(self, **changes: Any) -> "ServiceConfig":
@@ -105,6 +130,13 @@ class ServiceConfig:
 
 
 # The service's own parameters, in declaration order (everything except the nested `fusion`).
+# Secrets: never in an error message, a log line, repr() or to_dict() (which shows MASK instead).
+SECRET_FIELDS: tuple[str, ...] = ("token",)
+MASK = "********"
+# Strings that may be empty (the feature is off); every other string must be non-empty.
+OPTIONAL_STRING_FIELDS: tuple[str, ...] = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "token",
+                                           "token_file")
+MIN_TOKEN_LENGTH = 16
 SERVICE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ServiceConfig) if f.name != "fusion")
 _SERVICE_TYPES = {f.name: f.type for f in fields(ServiceConfig) if f.name != "fusion"}
 _FUSION_TYPES = {f.name: f.type for f in fields(FusionConfig)}
@@ -126,9 +158,25 @@ SERVICE_HELP: dict[str, str] = {
     "checkpoints_keep": "automatic checkpoints kept in data_dir; older ones are deleted",
     "journal_keep_outcomes": "journaled outcomes kept once checkpointed (duplicate event_ids are recognised "
                              "that far back); pruned at each automatic checkpoint",
+    "live_window": "live scoring: outcomes of predicted events in the rolling window (fusion vs plain average)",
+    "underperform_margin": "serve the plain average while the fusion's rolling log loss exceeds the average's by "
+                           "more than this many nats (back to the fusion at half of it)",
+    "underperform_min_outcomes": "scored outcomes needed in the window before the service may switch",
     "journal_keep_predictions": "Predict inputs kept for RecordOutcome by event_id (also bounded by "
                                 "event_horizon_seconds)",
     "log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
+    "tls_cert_file": "PEM certificate chain for TLS on the gRPC port (with tls_key_file); empty: plaintext. "
+                     "Re-read when it changes (rotation without restart)",
+    "tls_key_file": "PEM private key of tls_cert_file",
+    "tls_client_ca_file": "PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS); "
+                          "needs tls_cert_file",
+    "token": "bearer token required on RecordOutcome, RecordOutcomes and Checkpoint (\"authorization: Bearer "
+             f"<token>\"), at least {MIN_TOKEN_LENGTH} characters; a secret, never logged: prefer the environment "
+             "variable or token_file to the flag. Empty (and no token_file): every RPC is open",
+    "token_file": "file holding the bearer token(s), one per line (several during a rotation); re-read when it "
+                  "changes. Exclusive with token",
+    "protect_reads": "true: Predict, Stats and reflection need the token too",
+    "protect_health": "true: the gRPC health service needs the token too",
 }
 
 # One line per FusionConfig field, from the comments in server/config.py.
@@ -179,8 +227,13 @@ def _validate(c: ServiceConfig) -> None:
         elif t == "float":
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
                  name, f"expected a finite number, got {v!r}")
+        elif t == "bool":
+            need(isinstance(v, bool), name, f"expected true or false, got {v!r}")
+        elif t == "str" and name in SECRET_FIELDS:  # never echo a secret
+            need(isinstance(v, str) and v.strip() == v, name,
+                 "expected a string without surrounding spaces or newlines (the value is not shown)")
         elif t == "str":
-            need(isinstance(v, str) and v.strip() == v and v != "", name,
+            need(isinstance(v, str) and v.strip() == v and (v != "" or name in OPTIONAL_STRING_FIELDS), name,
                  f"expected a non-empty string without surrounding spaces, got {v!r}")
 
     need(0 <= c.port <= 65535, "port", f"must be in [0, 65535], got {c.port}")
@@ -197,12 +250,27 @@ def _validate(c: ServiceConfig) -> None:
     need(c.n_models >= 1, "n_models", f"must be >= 1, got {c.n_models}")
     need(c.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 = off), got {c.checkpoint_every}")
     need(c.checkpoints_keep >= 1, "checkpoints_keep", f"must be >= 1, got {c.checkpoints_keep}")
+    need(c.live_window >= 1, "live_window", f"must be >= 1, got {c.live_window}")
+    need(c.underperform_margin >= 0.0, "underperform_margin", f"must be >= 0, got {c.underperform_margin}")
+    need(1 <= c.underperform_min_outcomes <= c.live_window, "underperform_min_outcomes",
+         f"must be in [1, live_window={c.live_window}], got {c.underperform_min_outcomes}")
     need(c.journal_keep_outcomes >= 1, "journal_keep_outcomes", f"must be >= 1, got {c.journal_keep_outcomes}")
     need(c.journal_keep_predictions >= 1, "journal_keep_predictions",
          f"must be >= 1, got {c.journal_keep_predictions}")
     need(c.log_level.upper() in LOG_LEVELS, "log_level",
          f"must be one of {', '.join(LOG_LEVELS)}, got {c.log_level!r}")
     object.__setattr__(c, "log_level", c.log_level.upper())
+    need(bool(c.tls_cert_file) == bool(c.tls_key_file), "tls_key_file" if c.tls_cert_file else "tls_cert_file",
+         "tls_cert_file and tls_key_file go together: set both (TLS) or neither (plaintext)")
+    need(not c.tls_client_ca_file or bool(c.tls_cert_file), "tls_client_ca_file",
+         "mutual TLS needs TLS: set tls_cert_file and tls_key_file too")
+    need(not (c.token and c.token_file), "token", "set token or token_file, not both")
+    need(not c.token or (len(c.token) >= MIN_TOKEN_LENGTH and c.token.isprintable() and " " not in c.token),
+         "token", f"must be at least {MIN_TOKEN_LENGTH} printable characters without spaces "
+                  "(the value is not shown)")
+    for flag in ("protect_reads", "protect_health"):
+        need(not getattr(c, flag) or bool(c.token or c.token_file), flag,
+             "protects nothing without a token: set token (TITAN_FUSION_TOKEN) or token_file")
 
     if not isinstance(c.fusion, FusionConfig):
         # A mapping of fusion parameters (dotted or plain names) is accepted and converted.
@@ -305,6 +373,8 @@ def _put(values: _Values, name: str, raw: Any, origin: str) -> None:
     try:
         values[name] = (_coerce(name, raw, t), origin)
     except ConfigError as e:
+        if name[len(SERVICE_PREFIX):] in SECRET_FIELDS and name.startswith(SERVICE_PREFIX):
+            e = ConfigError(name, "expected a string (the value is not shown)")
         raise _with_origin(e, origin) from None
 
 

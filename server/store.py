@@ -13,7 +13,7 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,18 @@ class CheckpointInfo:
     size_bytes: int
     generation: int
     applied_seq: int  # last journal sequence number included
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # what the service saved beside the model
 
 
-def check_name(name: Any, field: str = "name") -> str:
+def check_name(name: Any, field: str = "name", *, saving: bool = False) -> str:
+    """A plain checkpoint name. Saving under the automatic checkpoints' prefix is refused: their
+    retention would delete it (restoring one by its name is fine)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise FusionInputError(field, f"must be a plain checkpoint name (letters, digits, '.', '_', '-'; at most 64; "
                                f"not starting with '.'), got {name!r}")
+    if saving and name.startswith(AUTO_PREFIX):
+        raise FusionInputError(field, f"names starting with {AUTO_PREFIX!r} are reserved for automatic checkpoints, "
+                               f"got {name!r}")
     return name
 
 
@@ -75,7 +81,7 @@ class CheckpointStore:
         size = sum(f.stat().st_size for f in (path / MODEL_FILE, path / STATE_FILE) if f.exists())
         return CheckpointInfo(path.name, int(counters.get("outcomes", 0)), int(counters.get("steps", 0)),
                               str(extra.get("created_at", "")), size, int(extra.get("generation", 0)),
-                              int(extra.get("applied_seq", 0)))
+                              int(extra.get("applied_seq", 0)), dict(extra))
 
     def list(self) -> list[CheckpointInfo]:
         """Readable checkpoints, newest first (by generation). Unreadable ones are skipped."""
@@ -89,15 +95,17 @@ class CheckpointStore:
                 log.warning("skipping unreadable checkpoint %s: %s", path.name, e)
         return sorted(infos, key=lambda i: (i.generation, i.name), reverse=True)
 
-    def save(self, fusion: TransformerFusion, name: str | None, applied_seq: int) -> CheckpointInfo:
-        """Save `fusion` as `name` (None: an automatic checkpoint), then prune old automatic ones."""
+    def save(self, fusion: TransformerFusion, name: str | None, applied_seq: int,
+             extra: dict | None = None) -> CheckpointInfo:
+        """Save `fusion` as `name` (None: an automatic checkpoint), then prune old automatic ones.
+        `extra` (JSON-able) is kept beside the model and comes back in CheckpointInfo.extra."""
         generation = max((i.generation for i in self.list()), default=0) + 1
         auto = name is None
         name = f"{AUTO_PREFIX}{generation:08d}" if auto else name
         path = self.path_for(name)
         created = datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="milliseconds")
-        fusion.save(path, extra={"generation": generation, "applied_seq": applied_seq, "created_at": created,
-                                 "name": name})
+        fusion.save(path, extra={**(extra or {}), "generation": generation, "applied_seq": applied_seq,
+                                 "created_at": created, "name": name})
         if auto:
             for old in [i for i in self.list() if i.name.startswith(AUTO_PREFIX)][self.keep:]:
                 shutil.rmtree(self.root / old.name, ignore_errors=True)

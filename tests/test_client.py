@@ -514,7 +514,7 @@ def test_training_stats_and_attention_weights(service):
         "samples_trained": 1152, "train_loss": 0.6107, "val_loss": 0.6009, "current_lr": 0.00036,
         "is_overfitting": False, "avg_attention_entropy": 1.38}
     training_fields = [f.name for f in pb.TrainingStats.DESCRIPTOR.fields]
-    assert list(stats) == [*training_fields, "attention", "service"]
+    assert list(stats) == [*training_fields, "attention", "service", "live"]
     assert (stats["last_source"], stats["last_reason"]) == ("fusion", None)
     assert stats["expert_names"] == ["TrendVIC", "Oscillator"]
     assert set(stats["service"]) == {f.name for f in pb.ServiceStats.DESCRIPTOR.fields}

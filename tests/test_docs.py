@@ -18,6 +18,13 @@ def test_readme_configuration_table_is_current():
         "README configuration table is stale: paste settings_markdown() between the markers"
 
 
+def test_readme_metrics_table_is_the_metrics_module_docstring():
+    from titan_fusion.server import metrics
+    m = re.search(r"<!-- BEGIN metrics table.*?-->\n(.*?)\n<!-- END metrics table -->", README, re.S)
+    assert m, "README lost its metrics table markers"
+    assert m.group(1).strip() == "\n".join(l for l in metrics.__doc__.splitlines() if l.startswith("|")).strip()
+
+
 def test_readme_metrics_table_names_every_metric_and_only_those():
     registry = CollectorRegistry()
     Metrics(registry)

@@ -248,8 +248,8 @@ def test_guard_validation_split_ratio_is_seeded_and_near_val_split(stream):
 
 def test_guard_early_stopping_fires_restores_best_pauses_and_resumes(stream):
     # A delta no loss can beat after the first check: the first check is the best; `patience`
-    # steps later early stopping fires.
-    f = make(early_stopping_patience=10, early_stopping_delta=10.0, early_stopping_resume=5, val_every=5)
+    # checks (of one every val_every=5 steps) later early stopping fires.
+    f = make(early_stopping_patience=2, early_stopping_delta=10.0, early_stopping_resume=5, val_every=5)
     events = iter(stream(16, 400))
     while f.get_training_stats()["train_steps"] < 5:
         f.update(*next(events))
@@ -259,7 +259,7 @@ def test_guard_early_stopping_fires_restores_best_pauses_and_resumes(stream):
     while not f.get_training_stats()["is_overfitting"]:
         f.update(*next(events))
     s = f.get_training_stats()
-    assert s["train_steps"] == best_step + 10 and s["early_stops"] == 1
+    assert s["train_steps"] == best_step + 2 * 5 and s["early_stops"] == 1 and s["patience_counter"] == 2
     assert all(torch.equal(a, b.detach()) for a, b in zip(best, f._net.parameters()))  # best restored
     # Paused: new outcomes are buffered but no step runs until 5 fresh validation outcomes.
     val_at_pause, steps_at_pause, n = f._val_seen, s["train_steps"], s["samples_trained"]
@@ -378,7 +378,7 @@ def test_same_seed_same_calls_bit_identical(stream):
 
 def test_save_then_load_then_the_same_calls_equals_never_saving(tmp_path, stream):
     # early stopping fires and resumes within the run, so its state crosses the save too
-    cfg = dict(early_stopping_patience=15, early_stopping_resume=3)
+    cfg = dict(early_stopping_patience=3, early_stopping_resume=3)
     events = list(stream(23, 400))
     a = make(**cfg)
     feed(a, events[:170])

@@ -124,6 +124,32 @@ class RecordOutcomeResponse(_message.Message):
     used_predict_inputs: bool
     def __init__(self, duplicate: _Optional[bool] = ..., samples_trained: _Optional[int] = ..., model_version: _Optional[int] = ..., used_predict_inputs: _Optional[bool] = ...) -> None: ...
 
+class RejectedOutcome(_message.Message):
+    __slots__ = ("index", "event_id", "code", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    event_id: str
+    code: str
+    message: str
+    def __init__(self, index: _Optional[int] = ..., event_id: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RecordOutcomesResponse(_message.Message):
+    __slots__ = ("accepted", "duplicates", "rejected", "rejected_outcomes", "journal_sequence")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    duplicates: int
+    rejected: int
+    rejected_outcomes: _containers.RepeatedCompositeFieldContainer[RejectedOutcome]
+    journal_sequence: int
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., rejected_outcomes: _Optional[_Iterable[_Union[RejectedOutcome, _Mapping]]] = ..., journal_sequence: _Optional[int] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -175,7 +201,7 @@ class TrainingStats(_message.Message):
     def __init__(self, samples_trained: _Optional[int] = ..., train_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., best_val_loss: _Optional[float] = ..., current_lr: _Optional[float] = ..., is_overfitting: _Optional[bool] = ..., patience_counter: _Optional[int] = ..., avg_attention_entropy: _Optional[float] = ..., train_buffer_size: _Optional[int] = ..., val_buffer_size: _Optional[int] = ..., enabled: _Optional[bool] = ..., ready: _Optional[bool] = ..., min_samples: _Optional[int] = ..., last_source: _Optional[_Union[Source, str]] = ..., last_reason: _Optional[_Union[FallbackReason, str]] = ..., n_models: _Optional[int] = ..., expert_names: _Optional[_Iterable[str]] = ..., feature_names: _Optional[_Iterable[str]] = ..., last_grad_norm: _Optional[float] = ..., early_stops: _Optional[int] = ...) -> None: ...
 
 class ServiceStats(_message.Message):
-    __slots__ = ("predictions", "outcomes", "duplicates", "errors", "queue_depth", "uptime_seconds", "last_checkpoint")
+    __slots__ = ("predictions", "outcomes", "duplicates", "errors", "queue_depth", "uptime_seconds", "last_checkpoint", "journal_sequence", "applied_sequence", "training_lag")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +209,9 @@ class ServiceStats(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_LAG_FIELD_NUMBER: _ClassVar[int]
     predictions: int
     outcomes: int
     duplicates: int
@@ -190,17 +219,54 @@ class ServiceStats(_message.Message):
     queue_depth: int
     uptime_seconds: float
     last_checkpoint: str
-    def __init__(self, predictions: _Optional[int] = ..., outcomes: _Optional[int] = ..., duplicates: _Optional[int] = ..., errors: _Optional[int] = ..., queue_depth: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., last_checkpoint: _Optional[str] = ...) -> None: ...
+    journal_sequence: int
+    applied_sequence: int
+    training_lag: int
+    def __init__(self, predictions: _Optional[int] = ..., outcomes: _Optional[int] = ..., duplicates: _Optional[int] = ..., errors: _Optional[int] = ..., queue_depth: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., journal_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., training_lag: _Optional[int] = ...) -> None: ...
+
+class SourceScore(_message.Message):
+    __slots__ = ("outcomes", "accuracy", "log_loss", "brier", "ece")
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BRIER_FIELD_NUMBER: _ClassVar[int]
+    ECE_FIELD_NUMBER: _ClassVar[int]
+    outcomes: int
+    accuracy: float
+    log_loss: float
+    brier: float
+    ece: float
+    def __init__(self, outcomes: _Optional[int] = ..., accuracy: _Optional[float] = ..., log_loss: _Optional[float] = ..., brier: _Optional[float] = ..., ece: _Optional[float] = ...) -> None: ...
+
+class LiveScores(_message.Message):
+    __slots__ = ("served", "fusion", "average", "underperforming", "switches", "log_loss_excess", "window")
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_FIELD_NUMBER: _ClassVar[int]
+    UNDERPERFORMING_FIELD_NUMBER: _ClassVar[int]
+    SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_EXCESS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    served: SourceScore
+    fusion: SourceScore
+    average: SourceScore
+    underperforming: bool
+    switches: int
+    log_loss_excess: float
+    window: int
+    def __init__(self, served: _Optional[_Union[SourceScore, _Mapping]] = ..., fusion: _Optional[_Union[SourceScore, _Mapping]] = ..., average: _Optional[_Union[SourceScore, _Mapping]] = ..., underperforming: _Optional[bool] = ..., switches: _Optional[int] = ..., log_loss_excess: _Optional[float] = ..., window: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("training", "attention", "service")
+    __slots__ = ("training", "attention", "service", "live")
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     training: TrainingStats
     attention: _containers.RepeatedCompositeFieldContainer[ExpertWeight]
     service: ServiceStats
-    def __init__(self, training: _Optional[_Union[TrainingStats, _Mapping]] = ..., attention: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ..., service: _Optional[_Union[ServiceStats, _Mapping]] = ...) -> None: ...
+    live: LiveScores
+    def __init__(self, training: _Optional[_Union[TrainingStats, _Mapping]] = ..., attention: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ..., service: _Optional[_Union[ServiceStats, _Mapping]] = ..., live: _Optional[_Union[LiveScores, _Mapping]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("action", "name")

@@ -58,6 +58,11 @@ class FusionServiceStub:
                 request_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.RecordOutcomes = channel.stream_unary(
+                '/titan.fusion.v1.FusionService/RecordOutcomes',
+                request_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeRequest.SerializeToString,
+                response_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.FromString,
+                _registered_method=True)
 
 
 class FusionServiceServicer:
@@ -98,6 +103,17 @@ class FusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordOutcomes(self, request_iterator, context):
+        """Bulk replay of outcomes (backtests, backfill): a stream of RecordOutcomeRequests, each with its
+        experts and direction (and ideally an event_id), journaled with the same guarantees as
+        RecordOutcome (idempotent by event_id). Acknowledged once journaled: training may trail the
+        journal and catches up from it (ServiceStats.training_lag). A bad row is rejected and reported
+        by index; the others are accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +136,11 @@ def add_FusionServiceServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.CheckpointRequest.FromString,
                     response_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'RecordOutcomes': grpc.stream_unary_rpc_method_handler(
+                    servicer.RecordOutcomes,
+                    request_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeRequest.FromString,
+                    response_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +255,33 @@ class FusionService:
             '/titan.fusion.v1.FusionService/Checkpoint',
             titan__fusion_dot_client_dot_pb_dot_fusion__pb2.CheckpointRequest.SerializeToString,
             titan__fusion_dot_client_dot_pb_dot_fusion__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOutcomes(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/titan.fusion.v1.FusionService/RecordOutcomes',
+            titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeRequest.SerializeToString,
+            titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.FromString,
             options,
             channel_credentials,
             insecure,

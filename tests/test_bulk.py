@@ -1,0 +1,104 @@
+"""Bulk replay: RecordOutcomes (client streaming) and `titan-fusion replay FILE`."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from titan_fusion.client import FusionClient
+from titan_fusion.server.config import FusionConfig
+from titan_fusion.server.fusion import TransformerFusion
+from titan_fusion.server.service import create_server
+from titan_fusion.server.settings import ServiceConfig
+
+FAST = FusionConfig(min_samples=20, warmup_steps=10, batch_size=8, val_every=5, early_stopping_patience=10_000)
+
+
+@pytest.fixture
+def service(tmp_path):
+    svc, port = create_server(ServiceConfig(port=0, metrics_port=-1, data_dir=str(tmp_path / "data"), fusion=FAST,
+                                            checkpoint_every=0), registry=CollectorRegistry())
+    assert svc.wait_ready(30)
+    client = FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False)
+    yield svc, client, port
+    client.close()
+    svc.stop(grace=1)
+
+
+def _wait_trained(client, n, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        s = client.stats()
+        if s["service"]["training_lag"] == 0 and s["samples_trained"] >= n:
+            return s
+        assert time.monotonic() < deadline, s["service"]
+        time.sleep(0.05)
+
+
+def test_a_stream_is_journaled_learned_in_order_and_bad_rows_are_reported(service, stream):
+    svc, client, _ = service
+    events = list(stream(61, 1300))  # more than two chunks of 512
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"b{i}"} for i, (e, f, d) in enumerate(events)]
+    rows.insert(100, {"experts": [{"prob_up": float("nan")}] * 4, "features": events[0][1],
+                      "actual_direction": "UP", "event_id": "bad-nan"})
+    rows.insert(700, {"experts": events[0][0], "features": events[0][1], "actual_direction": "SIDEWAYS",
+                      "event_id": "bad-dir"})
+    rows.append(dict(rows[5]))  # a duplicate within the stream
+    result = client.record_outcomes(rows)
+    assert (result.accepted, result.duplicates, result.rejected) == (1300, 1, 2)
+    assert [(r["index"], r["event_id"], r["code"]) for r in result.rejections] == [
+        (100, "bad-nan", "INVALID_ARGUMENT"), (700, "bad-dir", "INVALID_ARGUMENT")]
+    assert "experts[0].prob_up" in result.rejections[0]["message"]
+    assert "actual_direction" in result.rejections[1]["message"]
+    stats = _wait_trained(client, 1300)
+    assert stats["samples_trained"] == 1300 and stats["service"]["applied_sequence"] == result.journal_sequence
+    # the model learned exactly the accepted rows, in stream order: as the in-process class would
+    ref = TransformerFusion(FAST, n_models=4)
+    for e, f, d in events:
+        ref.update(e, f, d)
+    assert stats["train_steps"] == ref.version
+    probe = next(stream(62, 1))
+    assert client.predict(probe[0], probe[1]).prob_up == ref.forward(probe[0], probe[1])[0]
+    # a re-run is idempotent: everything is a duplicate, nothing is learned twice
+    again = client.record_outcomes([r for r in rows if r["event_id"].startswith("b")])
+    assert (again.accepted, again.duplicates) == (0, 1301)
+    assert client.stats()["samples_trained"] == 1300
+
+
+def test_single_outcomes_wait_for_a_lagging_bulk_replay_and_see_it(service, stream):
+    """RecordOutcome is learned after everything journaled before it, so a Predict after its
+    acknowledgement sees the bulk rows too."""
+    svc, client, _ = service
+    events = list(stream(63, 600))
+    client.record_outcomes([{"experts": e, "features": f, "actual_direction": d, "event_id": f"r{i}"}
+                            for i, (e, f, d) in enumerate(events[:599])])
+    e, f, d = events[599]
+    ack = client.record_outcome(e, f, actual_direction=d, event_id="last")
+    assert ack.samples_trained == 600
+    assert client.stats()["service"]["training_lag"] == 0
+    assert client.predict(e, f).model_version == ack.model_version
+
+
+def test_replay_command_sends_a_csv_file(service, stream, tmp_path):
+    svc, client, port = service
+    path = tmp_path / "history.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["event_id", "actual_direction", "expert.good", "expert.noise0", "expert.noise1",
+                    "expert.noise2", "feature.close", "feature.rsi", "comment"])
+        for i, (e, f, d) in enumerate(stream(64, 200)):
+            w.writerow([f"csv-{i}", d] + [x["prob_up"] for x in e] + [f["close"], f["rsi"], "ignored"])
+        w.writerow(["csv-bad", "UP", "0.5", "0.5", "oops", "0.5", "1", "1", ""])
+    cmd = [sys.executable, "-m", "titan_fusion.server.cli", "replay", str(path), "--target", f"127.0.0.1:{port}", "--wait"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr  # 2: some rows were rejected
+    assert "journaled 200 outcomes (0 duplicates, 1 rejected)" in out.stdout
+    assert "row 200 (csv-bad): INVALID_ARGUMENT: experts[2].prob_up" in out.stdout
+    assert client.stats()["samples_trained"] == 200
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert "journaled 0 outcomes (200 duplicates, 1 rejected)" in out.stdout
