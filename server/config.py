@@ -56,6 +56,15 @@ class FusionConfig:
     # exponential moving average with this horizon (market levels drift).
     feature_norm_window: int = 1000
     seed: int = 0  # seeds weights, dropout, batch sampling and the validation split
+    # Each expert's recent skill as a bias on the pooling attention: log weights of an exponentially
+    # weighted average forecaster on log loss (learning rate skill_eta), discounted with a half-life
+    # of skill_halflife outcomes so that it follows a change of the best expert (docs/model.md).
+    skill_bias: bool = False
+    skill_eta: float = 1.0
+    skill_halflife: int = 1000
+    # Output as the attention-weighted sum of per-expert calibrated logits plus a learned
+    # correction (zero at first), rather than a head on the pooled vector alone.
+    logit_pool: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -113,7 +122,7 @@ class FusionConfig:
 
 
 # Fields whose values change the network's shapes: a checkpoint must match them to load.
-ARCHITECTURE_FIELDS = ("hidden_dim", "num_heads")
+ARCHITECTURE_FIELDS = ("hidden_dim", "num_heads", "skill_bias", "logit_pool")
 
 
 def _coerce(name: str, value: Any, type_name: Any) -> Any:
@@ -214,3 +223,5 @@ def _validate(c: FusionConfig) -> None:
     need(c.attention_window >= 1, "attention_window", f"must be >= 1, got {c.attention_window}")
     need(c.feature_norm_window >= 2, "feature_norm_window", f"must be >= 2, got {c.feature_norm_window}")
     need(0 <= c.seed < 2**63, "seed", f"must be in [0, 2**63), got {c.seed}")
+    need(c.skill_eta > 0.0, "skill_eta", f"must be > 0, got {c.skill_eta}")
+    need(c.skill_halflife >= 1, "skill_halflife", f"must be >= 1, got {c.skill_halflife}")

@@ -59,6 +59,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ARCHITECTURE_FIELDS, FusionConfig
@@ -70,6 +71,15 @@ from .model import EXPERT_INPUTS, FusionNet, NetConfig
 LOSS_WINDOW = 50  # train_loss is the mean of the last this-many mini-batch losses
 HISTORY_LIMIT = 1000  # validation checks kept in the history
 DEDUPE_WINDOW = 10_000  # event_ids remembered by update() to ignore a repeated outcome
+
+
+def warm_up() -> None:
+    """Pay torch's lazy start-up costs now: the first optimizer imports torch._dynamo (about 1.5 s
+    here). The service calls this while it recovers, before it reports SERVING, so that its first
+    outcome is not 1.5 s late."""
+    p = torch.zeros(1, requires_grad=True)
+    p.sum().backward()
+    torch.optim.AdamW([p], lr=0.0, fused=True).step()
 
 
 def lr_at(step: int, c: FusionConfig) -> float:
@@ -131,12 +141,13 @@ class RunningNorm:
 class RingBuffer:
     """FIFO of labelled outcomes with a maximum size, stored as preallocated tensors."""
 
-    COLUMNS = ("x", "feats", "label")
+    COLUMNS = ("x", "feats", "label", "skill")
 
     def __init__(self, capacity: int, n_experts: int, n_features: int):
         self.capacity = capacity
         self.data = {
             "x": torch.zeros(capacity, n_experts, EXPERT_INPUTS),  # token inputs, float32
+            "skill": torch.zeros(capacity, n_experts),  # the experts' skill log weights when it was forecast
             "feats": torch.zeros(capacity, n_features, dtype=torch.float64),
             "label": torch.zeros(capacity, dtype=torch.long),
         }
@@ -212,6 +223,9 @@ class TransformerFusion:
         self._serving = ServingStats(c.attention_window)
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
         self._recent_ids: dict[str, None] = {}  # insertion-ordered: the oldest is evicted first
+        # The experts' recent skill (schema order): log weights of a discounted exponentially
+        # weighted average forecaster; 0 = uniform. Updated by every learned outcome.
+        self._skill = torch.zeros(n_models, dtype=torch.float64)
         if self._feature_names is not None:
             self._build(len(self._feature_names))
 
@@ -277,7 +291,7 @@ class TransformerFusion:
     def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
         """Write the whole state to directory `path` (fusion_model.pt + fusion_state.json), atomically.
         `extra` (JSON-able) is stored in fusion_state.json under "extra"."""
-        tensors: dict[str, Any] = {"sampler_rng": self._sampler.get_state()}
+        tensors: dict[str, Any] = {"sampler_rng": self._sampler.get_state(), "skill": self._skill.clone()}
         if self._net is not None:
             tensors.update(
                 net=self._net.state_dict(), optimizer=self._opt.state_dict(), best_net=self._best_net,
@@ -384,7 +398,8 @@ class TransformerFusion:
         feats = torch.tensor(r.feats, dtype=torch.float64)
         self._norm.update(feats)
         self._snap = None
-        row = {"x": r.x, "feats": feats, "label": 1 - label}
+        row = {"x": r.x, "feats": feats, "label": 1 - label, "skill": self._skill.clone()}
+        self._update_skill(r.x, label)
         to_val = c.val_split > 0 and split_uniform(c.seed, self._outcomes) < c.val_split
         (self._val if to_val else self._train).append(row)
         self._outcomes += 1
@@ -414,7 +429,8 @@ class TransformerFusion:
         c = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
-            self._net = FusionNet(NetConfig(self.n_models, n_features, c.hidden_dim, c.num_heads, c.dropout))
+            self._net = FusionNet(NetConfig(self.n_models, n_features, c.hidden_dim, c.num_heads, c.dropout,
+                                            skill_bias=c.skill_bias, logit_pool=c.logit_pool))
             torch.manual_seed(c.seed + 1)
             self._torch_rng = torch.get_rng_state()
         # Always in training mode: predictions and validation read the Snapshot, never the module.
@@ -438,6 +454,15 @@ class TransformerFusion:
         if self._net is None:
             self._build(len(self._feature_names))
 
+    def _update_skill(self, x: list[list[float]], label: int) -> None:
+        """Discounted EWA on log loss: logw <- decay * logw - eta * loss, renormalized."""
+        c = self.config
+        logit = torch.tensor([row[0] for row in x], dtype=torch.float64)
+        loss = F.softplus(-logit) if label == 1 else F.softplus(logit)  # -log p_i(outcome)
+        decay = 0.5 ** (1.0 / c.skill_halflife)
+        logw = decay * self._skill - c.skill_eta * loss
+        self._skill = logw - torch.logsumexp(logw, dim=0)
+
     def snapshot(self) -> Snapshot:
         """The immutable inference snapshot of the current state (rebuilt only after a change)."""
         if self._snap is None:
@@ -445,7 +470,8 @@ class TransformerFusion:
             if self._net is not None:
                 shift, scale = self._norm.shift_scale()
                 net = NumpyNet.of(self._net, shift.numpy(), scale.numpy())
-            self._snap = Snapshot(self._steps, self.config.enabled, self.ready, self._schema(), net)
+            self._snap = Snapshot(self._steps, self.config.enabled, self.ready, self._schema(), net,
+                                  self._skill.numpy().copy() if self.config.skill_bias else None)
         return self._snap
 
     def _step(self) -> None:
@@ -457,7 +483,7 @@ class TransformerFusion:
         for g in self._opt.param_groups:
             g["lr"] = lr
         f = RunningNorm.apply(b["feats"], *self._norm.shift_scale()) if self._net.config.n_features else None
-        _, _, loss = self._net(b["x"], f, b["label"])
+        _, _, loss = self._net(b["x"], f, b["label"], b["skill"])
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, c.gradient_clip, foreach=True))
@@ -472,7 +498,7 @@ class TransformerFusion:
         if len(self._val) == 0:
             return math.nan
         b = self._val.gather()
-        p_up, _ = self.snapshot().net.forward(b["x"].double().numpy(), b["feats"].numpy())
+        p_up, _ = self.snapshot().net.forward(b["x"].double().numpy(), b["feats"].numpy(), b["skill"].double().numpy())
         p_label = np.where(b["label"].numpy() == 0, p_up, 1.0 - p_up)  # label 0 = UP
         return float(-np.mean(np.log(np.clip(p_label, 1e-12, 1.0))))
 
@@ -527,6 +553,9 @@ class TransformerFusion:
         if saved_features is not None:
             self._feature_names = tuple(saved_features)
         self._sampler.set_state(tensors["sampler_rng"])
+        if tensors["skill"].shape != self._skill.shape:
+            raise IncompatibleCheckpointError(f"checkpoint skill state has shape {tuple(tensors['skill'].shape)}")
+        self._skill = tensors["skill"].to(torch.float64).clone()
         if "net" in tensors:
             if self._net is None or self._net.config.n_features != len(self._feature_names):
                 self._build(len(self._feature_names))

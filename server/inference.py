@@ -55,6 +55,8 @@ class NumpyNet:
     n_experts: int
     n_features: int
     n_head: int
+    skill_bias: bool
+    logit_pool: bool
     w: dict[str, np.ndarray]
     norm_shift: np.ndarray  # (F,) running mean
     norm_scale: np.ndarray  # (F,) 1 / running std, 0 for a constant feature
@@ -90,17 +92,24 @@ class NumpyNet:
         w["value"], w["value_bias"] = T("pool.value.weight"), p["pool.value.bias"]
         w["head"] = p["head.weight"][0] - p["head.weight"][1]  # (C,): logit(up) - logit(down)
         w["head_bias"] = p["head.bias"][0] - p["head.bias"][1]
+        if c.skill_bias:
+            w["skill_scale"] = p["pool.skill_scale"]
+        if c.logit_pool:
+            w["calib_scale"], w["calib_shift"] = p["calib_scale"], p["calib_shift"]
         for a in w.values():
             a.setflags(write=False)
-        return cls(c.n_experts, c.n_features, c.num_heads, w, norm_shift.copy(), norm_scale.copy())
+        return cls(c.n_experts, c.n_features, c.num_heads, c.skill_bias, c.logit_pool, w,
+                   norm_shift.copy(), norm_scale.copy())
 
     def normalize(self, feats_raw: np.ndarray) -> np.ndarray:
         """(B, F) raw features -> normalized, clipped to [-5, 5]; NaN (missing) -> 0 (the mean)."""
         z = (feats_raw - self.norm_shift) * self.norm_scale
         return np.clip(np.where(z != z, 0.0, z), -5.0, 5.0)  # z != z: NaN
 
-    def forward(self, x: np.ndarray, feats_raw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """x (B, n, 3) token inputs, feats_raw (B, F) -> prob_up (B,), attention (B, n).
+    def forward(self, x: np.ndarray, feats_raw: np.ndarray | None,
+                skill: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x (B, n, 3) token inputs, feats_raw (B, F), skill (B, n) or (n,) log skill weights (with
+        skill_bias) -> prob_up (B,), attention (B, n).
 
         Attention is averaged over heads, in schema order; each row sums to 1.
         """
@@ -131,9 +140,15 @@ class NumpyNet:
             qh = np.broadcast_to(w["query"].reshape(1, nh, 1, hs), (B, nh, 1, hs))
         kh = (_standardize(tokens[:, :n]) @ w["key"] + w["key_bias"]).reshape(B, n, nh, hs).transpose(0, 2, 3, 1)
         vh = (own @ w["value"] + w["value_bias"]).reshape(B, n, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, n, hs)
-        a = _softmax(qh @ kh)  # (B, nh, 1, n); keys pre-scaled by 1/sqrt(hs)
+        scores = qh @ kh  # (B, nh, 1, n); keys pre-scaled by 1/sqrt(hs)
+        if self.skill_bias:
+            scores = scores + w["skill_scale"] * np.reshape(skill, (-1, 1, 1, n))
+        a = _softmax(scores)
         pooled = (a @ vh).reshape(B, C)
-        prob_up = 1.0 / (1.0 + np.exp(-(pooled @ w["head"] + w["head_bias"])))
+        z = pooled @ w["head"] + w["head_bias"]  # logit(up) - logit(down)
+        if self.logit_pool:
+            z = z + (a.mean(axis=1)[:, 0, :] * (w["calib_scale"] * x[:, :, 0] + w["calib_shift"])).sum(axis=-1)
+        prob_up = 1.0 / (1.0 + np.exp(-z))
         return prob_up, a[:, :, 0, :].mean(axis=1)
 
 
@@ -239,6 +254,7 @@ class Snapshot:
     ready: bool  # min_samples outcomes learned
     schema: Schema
     net: NumpyNet | None  # None before the schema is fixed
+    skill_logw: np.ndarray | None = None  # (n,) the experts' recent-skill log weights, schema order
 
     def predict(self, events: Sequence[Event], field: str = "model_outputs") -> list[Prediction | FusionInputError]:
         """One batched forward for the events that the fusion serves; the plain average, with its
@@ -269,7 +285,7 @@ class Snapshot:
             n = self.schema.n_models
             probs, weights = self.net.forward(
                 np.array([r.x for _, r in fused], dtype=np.float64),
-                np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1))
+                np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1), self.skill_logw)
             names = self.schema.names
             for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
                 attention = [("", 0.0)] * n

@@ -39,6 +39,11 @@ class NetConfig:
     num_heads: int = 2
     dropout: float = 0.2
     ffn_mult: int = 4
+    # Each expert's recent skill (log of a weight, <= 0) as a bias on the pooling attention scores.
+    skill_bias: bool = False
+    # Output: the attention-weighted sum of per-expert calibrated logits, plus a correction from
+    # the pooled vector (zero at init), instead of a head on the pooled vector alone.
+    logit_pool: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.num_heads:
@@ -111,8 +116,11 @@ class AttentionPool(nn.Module):
         self.ln = nn.LayerNorm(c.hidden_dim)
         self.key = nn.Linear(c.hidden_dim, c.hidden_dim)
         self.value = nn.Linear(c.hidden_dim, c.hidden_dim)
+        if c.skill_bias:  # how much the recent-skill prior counts; 1 at init: attention = skill weights
+            self.skill_scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, ctx: torch.Tensor, own: torch.Tensor, feats: torch.Tensor | None):
+    def forward(self, ctx: torch.Tensor, own: torch.Tensor, feats: torch.Tensor | None,
+                skill: torch.Tensor | None = None):
         B, n, C = ctx.shape
         q = self.query.expand(B, C)  # (B, C)
         if self.query_from_features is not None:
@@ -120,7 +128,10 @@ class AttentionPool(nn.Module):
         q = q.view(B, self.n_head, 1, self.head_dim)  # (B, nh, 1, hs)
         k = self.key(self.ln(ctx)).view(B, n, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, n, hs)
         v = self.value(own).view(B, n, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, n, hs)
-        w = F.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)  # (B, nh, 1, n)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, 1, n)
+        if skill is not None:
+            scores = scores + self.skill_scale * skill[:, None, None, :]
+        w = F.softmax(scores, dim=-1)  # (B, nh, 1, n)
         pooled = (w @ v).reshape(B, C)  # (B, C): heads concatenated
         return pooled, w.squeeze(2)  # (B, C), (B, nh, n)
 
@@ -138,10 +149,16 @@ class FusionNet(nn.Module):
         self.pool = AttentionPool(c)
         self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden_dim, 2)
+        if c.logit_pool:
+            self.calib_scale = nn.Parameter(torch.ones(c.n_experts))  # per-expert calibration of its logit
+            self.calib_shift = nn.Parameter(torch.zeros(c.n_experts))
+            nn.init.zeros_(self.head.weight)  # the correction starts at 0: the pool alone speaks
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, experts: torch.Tensor, feats: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None):
-        """experts (B, n, 3) token inputs (see EXPERT_INPUTS); feats (B, F) normalized; targets (B,) 0=UP 1=DOWN.
+                targets: torch.Tensor | None = None, skill: torch.Tensor | None = None):
+        """experts (B, n, 3) token inputs (see EXPERT_INPUTS); feats (B, F) normalized; targets (B,)
+        0=UP 1=DOWN; skill (B, n) log skill weights (with skill_bias).
 
         Returns (logits (B, 2), attention (B, n) averaged over heads, loss or None).
         """
@@ -158,10 +175,16 @@ class FusionNet(nn.Module):
             feat_token = (self.feature_in(feats) + self.feature_type).unsqueeze(1)  # (B, 1, C)
             tokens = torch.cat((own, feat_token), dim=1)  # (B, n + 1, C)
         ctx = self.block(tokens)[:, :n]  # (B, n, C): the expert tokens, in context
-        pooled, w = self.pool(ctx, own, feats)
+        if c.skill_bias and (skill is None or skill.shape != (B, n)):
+            raise ValueError(f"expected skill of shape ({B}, {n}), got {None if skill is None else tuple(skill.shape)}")
+        pooled, w = self.pool(ctx, own, feats, skill if c.skill_bias else None)
         logits = self.head(self.drop(pooled))  # (B, 2)
+        w = w.mean(dim=1)  # (B, n): attention per expert, averaged over heads
+        if c.logit_pool:
+            z = (w * (self.calib_scale * experts[..., 0] + self.calib_shift)).sum(dim=-1)  # (B,)
+            logits = logits + torch.stack((0.5 * z, -0.5 * z), dim=-1)
         loss = F.cross_entropy(logits, targets) if targets is not None else None
-        return logits, w.mean(dim=1), loss
+        return logits, w, loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay weight matrices and embeddings; never biases, norms or the query."""

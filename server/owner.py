@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import (DeadlineExpiredError, FusionInputError, NotReadyError, OverloadedError,
                      ShuttingDownError, UnknownEventError)
-from .fusion import TransformerFusion
+from .fusion import TransformerFusion, warm_up
 from .events import plain_average
 from .inference import (REASON_UNDERPERFORMING, SOURCE_FUSION, Event, Prediction, ServingStats, Snapshot,
                         average_prediction)
@@ -254,6 +254,7 @@ class ModelOwner:
         self._answer()
 
     def _recover(self) -> None:
+        warm_up()
         info = self._store.load_newest_valid(self._fusion)
         self._applied_seq = info.applied_seq if info else 0
         self._last_checkpoint = info.name if info else ""

@@ -210,6 +210,10 @@ FUSION_HELP: dict[str, str] = {
     "feature_norm_window": "feature normalization: running mean/variance until this many outcomes, "
                            "then an exponential moving average with this horizon",
     "seed": "seeds weights, dropout, batch sampling and the validation split",
+    "skill_bias": "each expert's recent skill (a discounted EWA forecaster's log weights) biases the pooling attention",
+    "skill_eta": "learning rate of the skill forecaster, on log loss",
+    "skill_halflife": "half-life of the skill forecaster's memory, in outcomes",
+    "logit_pool": "output = attention-weighted sum of per-expert calibrated logits + a learned correction",
 }
 
 

@@ -507,3 +507,50 @@ def test_forecasts_never_fix_the_schema_outcomes_do():
     assert p.reason == "warming_up" and f.get_training_stats()["feature_names"] == []
     f.update([{"prob_up": 0.5, "name": n} for n in "wxyz"], {"rsi": 50.0}, "UP")
     assert f.get_training_stats()["feature_names"] == ["rsi"] and f.expert_names == tuple("wxyz")
+
+
+def test_skill_is_a_discounted_ewa_on_log_loss():
+    f = make(skill_bias=True, skill_eta=1.0, skill_halflife=2)
+    experts = [{"prob_up": p, "name": n} for p, n in ((0.8, "a"), (0.5, "b"), (0.2, "c"), (0.5, "d"))]
+    f.update(experts, None, "UP")
+    losses = [-math.log(p) for p in (0.8, 0.5, 0.2, 0.5)]
+    logw = [-l for l in losses]
+    norm = math.log(sum(math.exp(v) for v in logw))
+    assert f._skill.tolist() == pytest.approx([v - norm for v in logw], abs=1e-9)
+    f.update(experts, None, "DOWN")
+    decay = 0.5 ** 0.5
+    logw = [decay * (v - norm) + math.log(p) for v, p in zip(logw, (0.2, 0.5, 0.8, 0.5))]
+    norm = math.log(sum(math.exp(v) for v in logw))
+    assert f._skill.tolist() == pytest.approx([v - norm for v in logw], abs=1e-9)
+    # the buffer keeps the skill as it was when the event was forecast (before its own outcome)
+    rows = torch.cat([f._train.gather()["skill"], f._val.gather()["skill"]])
+    assert any(torch.allclose(r, torch.zeros(4)) for r in rows)
+
+
+def test_untrained_skill_bias_and_logit_pool_give_the_skill_weighted_log_linear_pool(stream):
+    """With the query at 0 and the correction at 0, attention = the skill weights and the output is
+    their weighted sum of the experts' logits: a classic pool the network then corrects."""
+    f = make(skill_bias=True, logit_pool=True, min_samples=30, learning_rate=1e-12)
+    feed(f, stream(32, 30), predict=False)
+    experts, feats, _ = next(stream(33, 1))
+    p = f.predict(experts, feats)
+    w = torch.softmax(f._skill, 0).tolist()
+    assert list(p.attention.values()) == pytest.approx(w, abs=1e-6)
+    from titan_fusion.server.model import prob_logit
+    z = sum(wi * prob_logit(e["prob_up"]) for wi, e in zip(w, experts))
+    assert p.prob_up == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-6)
+
+
+def test_exact_resume_with_skill_bias_and_logit_pool(tmp_path, stream):
+    cfg = dict(skill_bias=True, logit_pool=True, skill_halflife=50)
+    events = list(stream(34, 200))
+    a = make(**cfg)
+    feed(a, events[:90])
+    a.save(tmp_path / "c")
+    b = make(**cfg)
+    b.load(tmp_path / "c")
+    assert feed(a, events[90:]) == feed(b, events[90:])
+    assert_same(fingerprint(a), fingerprint(b))
+    assert torch.equal(a._skill, b._skill)
+    with pytest.raises(IncompatibleCheckpointError, match="skill_bias"):
+        make().load(tmp_path / "c")
