@@ -65,6 +65,9 @@ class FusionConfig:
     # Output as the attention-weighted sum of per-expert calibrated logits plus a learned
     # correction (zero at first), rather than a head on the pooled vector alone.
     logit_pool: bool = False
+    # Serve (and validate) an exponential moving average of the weights with this decay per
+    # training step (0: off, the raw weights): online SGD's step-to-step jitter averaged away.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -225,3 +228,4 @@ def _validate(c: FusionConfig) -> None:
     need(0 <= c.seed < 2**63, "seed", f"must be in [0, 2**63), got {c.seed}")
     need(c.skill_eta > 0.0, "skill_eta", f"must be > 0, got {c.skill_eta}")
     need(c.skill_halflife >= 1, "skill_halflife", f"must be >= 1, got {c.skill_halflife}")
+    need(0.0 <= c.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {c.ema_decay}")

@@ -205,6 +205,7 @@ class TransformerFusion:
         self._train: RingBuffer | None = None
         self._val: RingBuffer | None = None
         self._best_net: dict[str, torch.Tensor] | None = None
+        self._ema: dict[str, torch.Tensor] | None = None  # moving average of the weights (ema_decay > 0)
         self._torch_rng: torch.Tensor | None = None  # dropout's RNG, swapped in while training
         self._snap: Snapshot | None = None  # inference snapshot of the current state; None = stale
         self._sampler = torch.Generator()
@@ -294,7 +295,7 @@ class TransformerFusion:
         tensors: dict[str, Any] = {"sampler_rng": self._sampler.get_state(), "skill": self._skill.clone()}
         if self._net is not None:
             tensors.update(
-                net=self._net.state_dict(), optimizer=self._opt.state_dict(), best_net=self._best_net,
+                net=self._net.state_dict(), optimizer=self._opt.state_dict(), best_net=self._best_net, ema=self._ema,
                 torch_rng=self._torch_rng, norm=self._norm.state(), train=self._train.state(), val=self._val.state())
         state = {
             "config": self.config.to_dict(),
@@ -469,7 +470,7 @@ class TransformerFusion:
             net = None
             if self._net is not None:
                 shift, scale = self._norm.shift_scale()
-                net = NumpyNet.of(self._net, shift.numpy(), scale.numpy())
+                net = NumpyNet.of(self._net, shift.numpy(), scale.numpy(), self._ema)
             self._snap = Snapshot(self._steps, self.config.enabled, self.ready, self._schema(), net,
                                   self._skill.numpy().copy() if self.config.skill_bias else None)
         return self._snap
@@ -488,11 +489,32 @@ class TransformerFusion:
         loss.backward()
         self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, c.gradient_clip, foreach=True))
         self._opt.step()
+        self._update_ema()
         self._snap = None
         self._steps += 1
         self._losses.append(float(loss.detach()))
         if self._steps % c.val_every == 0:
             self._check_validation()
+
+    def _update_ema(self) -> None:
+        """Moving average of the weights, with a decay that ramps up from 0 over the first steps
+        (min(ema_decay, (1 + t) / (10 + t))) so that early weights do not linger."""
+        d = self.config.ema_decay
+        if d <= 0.0:
+            return
+        if self._ema is None:
+            self._reset_ema()
+            return
+        d = min(d, (1.0 + self._steps) / (10.0 + self._steps))
+        names = list(self._ema)
+        params = dict(self._net.named_parameters())
+        ema = [self._ema[n] for n in names]
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, [params[n].detach() for n in names], alpha=1.0 - d)
+
+    def _reset_ema(self) -> None:
+        if self.config.ema_decay > 0.0:
+            self._ema = {n: p.detach().clone() for n, p in self._net.named_parameters()}
 
     def _val_loss_now(self) -> float:
         if len(self._val) == 0:
@@ -520,6 +542,7 @@ class TransformerFusion:
             # Early stopping: back to the best weights, pause until fresh validation data arrives.
             if self._best_net is not None:
                 self._net.load_state_dict(self._best_net)
+                self._reset_ema()
                 self._snap = None
             self._paused_at_val_seen = self._val_seen
             self._early_stops += 1
@@ -562,6 +585,7 @@ class TransformerFusion:
             self._net.load_state_dict(tensors["net"])
             self._opt.load_state_dict(tensors["optimizer"])
             self._best_net = tensors["best_net"]
+            self._ema = tensors.get("ema")
             self._torch_rng = tensors["torch_rng"]
             self._norm.load(tensors["norm"])
             self._train.load(tensors["train"])

@@ -62,10 +62,13 @@ class NumpyNet:
     norm_scale: np.ndarray  # (F,) 1 / running std, 0 for a constant feature
 
     @classmethod
-    def of(cls, net: FusionNet, norm_shift: np.ndarray, norm_scale: np.ndarray) -> "NumpyNet":
+    def of(cls, net: FusionNet, norm_shift: np.ndarray, norm_scale: np.ndarray,
+           params: dict[str, torch.Tensor] | None = None) -> "NumpyNet":
+        """From `net`'s weights, or from `params` (same names) when given, e.g. their moving average."""
         c = net.config
         hs = c.hidden_dim // c.num_heads
-        p = {k: v.detach().numpy().astype(np.float64) for k, v in net.named_parameters()}
+        source = params if params is not None else dict(net.named_parameters())
+        p = {k: v.detach().numpy().astype(np.float64) for k, v in source.items()}
         T = lambda name: p[name].T.copy()  # noqa: E731  x @ W layout
         w: dict[str, np.ndarray] = {"expert_in": T("expert_in.weight"),
                                     "own_bias": p["expert_in.bias"] + p["expert_id.weight"]}  # (n, C)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from titan_fusion.server import (FusionConfig, FusionInputError, IncompatibleCheckpointError,
@@ -554,3 +555,20 @@ def test_exact_resume_with_skill_bias_and_logit_pool(tmp_path, stream):
     assert torch.equal(a._skill, b._skill)
     with pytest.raises(IncompatibleCheckpointError, match="skill_bias"):
         make().load(tmp_path / "c")
+
+
+def test_ema_weights_serve_and_resume_exactly(tmp_path, stream):
+    cfg = dict(ema_decay=0.9, skill_bias=True, logit_pool=True)
+    events = list(stream(35, 160))
+    a = make(**cfg)
+    feed(a, events[:100])
+    raw = {n: p.detach().clone() for n, p in a._net.named_parameters()}
+    assert any(not torch.equal(raw[n], a._ema[n]) for n in raw)  # the served weights are the average
+    snap_w = a.snapshot().net.w["head"]
+    from titan_fusion.server.inference import NumpyNet
+    assert not np.array_equal(snap_w, NumpyNet.of(a._net, *[t.numpy() for t in a._norm.shift_scale()]).w["head"])
+    a.save(tmp_path / "c")
+    b = make(**cfg)
+    b.load(tmp_path / "c")
+    assert feed(a, events[100:]) == feed(b, events[100:])
+    assert all(torch.equal(a._ema[n], b._ema[n]) for n in a._ema)
