@@ -333,3 +333,50 @@ def all_baselines(n_experts: int) -> list[Any]:
 
 
 BASELINE_NAMES = ("average", "recal_average", "ftl", "ewa", "fixed_share", "stacking", "stacking_x")
+
+
+# ---------------------------------------------------------------------------------- inside the fusion
+class ClassicTokens:
+    """The classic aggregators whose forecasts the transformer sees as extra tokens (FusionConfig
+    `classic_tokens`): Fixed Share, online logistic stacking and the recalibrated average, each
+    learned online on the same outcomes, in the same prequential order.
+
+    `shares()` says how much each aggregator leans on each expert (its weights; |coefficients|
+    for stacking; uniform for the recalibrated average), so that attention on an aggregator's token
+    can be reported as attention on the experts behind it. State is plain lists (JSON), restored
+    exactly by `load`.
+    """
+
+    NAMES = ("fixed_share", "stacking", "recal_average")
+
+    def __init__(self, n_experts: int):
+        self.n = n_experts
+        self.fs = FixedShare(n_experts)
+        self.stacking = OnlineLogisticStacking(n_experts)
+        self.recal = RecalibratedAverage(n_experts)
+
+    def predict(self, probs: Sequence[float]) -> list[float]:
+        return [self.fs.predict_proba_one(probs), self.stacking.predict_proba_one(probs),
+                self.recal.predict_proba_one(probs)]
+
+    def learn(self, probs: Sequence[float], y: int) -> None:
+        self.fs.learn_one(probs, None, y)
+        self.stacking.learn_one(probs, None, y)
+        self.recal.learn_one(probs, None, y)
+
+    def shares(self) -> list[list[float]]:
+        beta = np.abs(self.stacking.lr.w[: self.n])
+        total = float(beta.sum())
+        stack = (beta / total).tolist() if total > 0 else [1.0 / self.n] * self.n
+        return [self.fs.weights(), stack, [1.0 / self.n] * self.n]
+
+    def state(self) -> dict:
+        return {"fs_logw": list(self.fs.logw),
+                "stacking": [self.stacking.lr.w.tolist(), self.stacking.lr.H.tolist()],
+                "recal": [self.recal.lr.w.tolist(), self.recal.lr.H.tolist()]}
+
+    def load(self, state: Mapping) -> None:
+        self.fs.logw = [float(v) for v in state["fs_logw"]]
+        for lr, (w, h) in ((self.stacking.lr, state["stacking"]), (self.recal.lr, state["recal"])):
+            lr.w = np.array(w, dtype=np.float64)
+            lr.H = np.array(h, dtype=np.float64)

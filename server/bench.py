@@ -118,31 +118,23 @@ def bench_in_process(quick: bool) -> dict:
     average = TransformerFusion(n_models=4, config={"enabled": False})
     experts, feats, _ = events[401]
     n = 2000 if quick else 10000
-
-    def timed(fn, n):
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
     fusion.forward(experts, feats)
-    res = {"forward": percentiles(timed(lambda: fusion.forward(experts, feats), n)),
-           "forward_average_floor": percentiles(timed(lambda: average.forward(experts, feats), n))}
+    res = {"forward": percentiles(_sequential(lambda: fusion.forward(experts, feats), n)),
+           "forward_average_floor": percentiles(_sequential(lambda: average.forward(experts, feats), n))}
     # a training step of batch 32, as update() runs it (dropout RNG swapped in, as in learn())
     steps = 300 if quick else 1500
     torch.set_rng_state(fusion._torch_rng)
-    res["train_step_batch32"] = percentiles(timed(fusion._step, steps))
+    res["train_step_batch32"] = percentiles(_sequential(fusion._step, steps))
     # update() with its training step (early stopping off, so that every update trains), against
     # update() before min_samples (validation and buffering, no step): the floor
     busy = TransformerFusion(n_models=4, config={"early_stopping_patience": 10**9})
     for e, f, d in events[:400]:
         busy.update(e, f, d)
     it = iter(events[400:])
-    res["update_with_step"] = percentiles(timed(lambda: busy.update(*next(it)), min(steps, 2000)))
+    res["update_with_step"] = percentiles(_sequential(lambda: busy.update(*next(it)), min(steps, 2000)))
     cold = TransformerFusion(n_models=4, config={"min_samples": 10**9})
     it2 = iter(events)
-    res["update_no_training_floor"] = percentiles(timed(lambda: cold.update(*next(it2)), min(steps, 2000)))
+    res["update_no_training_floor"] = percentiles(_sequential(lambda: cold.update(*next(it2)), min(steps, 2000)))
     return res
 
 

@@ -65,6 +65,9 @@ class FusionConfig:
     # Output as the attention-weighted sum of per-expert calibrated logits plus a learned
     # correction (zero at first), rather than a head on the pooled vector alone.
     logit_pool: bool = False
+    # The forecasts of classic online aggregators (Fixed Share, logistic stacking, recalibrated
+    # average: server/baselines.py ClassicTokens) as extra tokens beside the experts'.
+    classic_tokens: bool = False
     # Serve (and validate) an exponential moving average of the weights with this decay per
     # training step (0: off, the raw weights): online SGD's step-to-step jitter averaged away.
     ema_decay: float = 0.0
@@ -125,7 +128,7 @@ class FusionConfig:
 
 
 # Fields whose values change the network's shapes: a checkpoint must match them to load.
-ARCHITECTURE_FIELDS = ("hidden_dim", "num_heads", "skill_bias", "logit_pool")
+ARCHITECTURE_FIELDS = ("hidden_dim", "num_heads", "skill_bias", "logit_pool", "classic_tokens")
 
 
 def _coerce(name: str, value: Any, type_name: Any) -> Any:

@@ -65,7 +65,8 @@ from . import checkpoint
 from .config import ARCHITECTURE_FIELDS, FusionConfig
 from .errors import ConfigError, FusionInputError, IncompatibleCheckpointError
 from .events import parse_direction
-from .inference import Event, NumpyNet, Prediction, Resolved, Schema, ServingStats, Snapshot
+from .baselines import ClassicTokens
+from .inference import Event, NumpyNet, Prediction, Resolved, Schema, ServingStats, Snapshot, classic_rows
 from .model import EXPERT_INPUTS, FusionNet, NetConfig
 
 LOSS_WINDOW = 50  # train_loss is the mean of the last this-many mini-batch losses
@@ -226,7 +227,9 @@ class TransformerFusion:
         self._recent_ids: dict[str, None] = {}  # insertion-ordered: the oldest is evicted first
         # The experts' recent skill (schema order): log weights of a discounted exponentially
         # weighted average forecaster; 0 = uniform. Updated by every learned outcome.
-        self._skill = torch.zeros(n_models, dtype=torch.float64)
+        self._classic = ClassicTokens(n_models) if c.classic_tokens else None
+        self._tokens = n_models + (len(ClassicTokens.NAMES) if c.classic_tokens else 0)  # expert + classic tokens
+        self._skill = torch.zeros(self._tokens, dtype=torch.float64)
         if self._feature_names is not None:
             self._build(len(self._feature_names))
 
@@ -313,6 +316,7 @@ class TransformerFusion:
             "serving": self._serving.state(),
             "history": [{k: _jsonable(v) for k, v in h.items()} for h in self._history],
             "recent_event_ids": list(self._recent_ids),
+            "classic": self._classic.state() if self._classic is not None else None,
             "extra": dict(extra or {}),
         }
         checkpoint.write_checkpoint(path, tensors, state)
@@ -399,8 +403,13 @@ class TransformerFusion:
         feats = torch.tensor(r.feats, dtype=torch.float64)
         self._norm.update(feats)
         self._snap = None
-        row = {"x": r.x, "feats": feats, "label": 1 - label, "skill": self._skill.clone()}
-        self._update_skill(r.x, label)
+        x = r.x
+        if self._classic is not None:  # the classic aggregators forecast first, then learn (prequential)
+            x = x + classic_rows(self._classic, x)
+        row = {"x": x, "feats": feats, "label": 1 - label, "skill": self._skill.clone()}
+        self._update_skill(x, label)
+        if self._classic is not None:
+            self._classic.learn([1.0 / (1.0 + math.exp(-e[0])) for e in r.x], label)
         to_val = c.val_split > 0 and split_uniform(c.seed, self._outcomes) < c.val_split
         (self._val if to_val else self._train).append(row)
         self._outcomes += 1
@@ -430,7 +439,7 @@ class TransformerFusion:
         c = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
-            self._net = FusionNet(NetConfig(self.n_models, n_features, c.hidden_dim, c.num_heads, c.dropout,
+            self._net = FusionNet(NetConfig(self._tokens, n_features, c.hidden_dim, c.num_heads, c.dropout,
                                             skill_bias=c.skill_bias, logit_pool=c.logit_pool))
             torch.manual_seed(c.seed + 1)
             self._torch_rng = torch.get_rng_state()
@@ -439,8 +448,8 @@ class TransformerFusion:
         self._params = list(self._net.parameters())
         self._opt = torch.optim.AdamW(self._net.param_groups(c.l2_lambda), lr=lr_at(0, c), fused=True)
         self._norm = RunningNorm(n_features, c.feature_norm_window)
-        self._train = RingBuffer(c.train_buffer_size, self.n_models, n_features)
-        self._val = RingBuffer(c.val_buffer_size, self.n_models, n_features)
+        self._train = RingBuffer(c.train_buffer_size, self._tokens, n_features)
+        self._val = RingBuffer(c.val_buffer_size, self._tokens, n_features)
 
     def _schema(self) -> Schema:
         return Schema(self.n_models, self._expert_names, self._feature_names, self.config.missing_features)
@@ -472,7 +481,8 @@ class TransformerFusion:
                 shift, scale = self._norm.shift_scale()
                 net = NumpyNet.of(self._net, shift.numpy(), scale.numpy(), self._ema)
             self._snap = Snapshot(self._steps, self.config.enabled, self.ready, self._schema(), net,
-                                  self._skill.numpy().copy() if self.config.skill_bias else None)
+                                  self._skill.numpy().copy() if self.config.skill_bias else None,
+                                  copy.deepcopy(self._classic))
         return self._snap
 
     def _step(self) -> None:
@@ -603,6 +613,8 @@ class TransformerFusion:
         self._history.extend({k: _float(v) if k in ("lr", "train_loss", "val_loss") else v for k, v in h.items()}
                              for h in state["history"])
         self._recent_ids = dict.fromkeys(state.get("recent_event_ids") or ())
+        if self._classic is not None:
+            self._classic.load(state["classic"])
 
 
 def _jsonable(x: float) -> float | str:

@@ -242,6 +242,12 @@ class Schema:
             order=order, expert_names=new_expert_names, feature_names=new_feature_names)
 
 
+def classic_rows(classic: Any, x: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Token inputs of the classic aggregators' forecasts for an event with expert inputs `x`."""
+    probs = [1.0 / (1.0 + math.exp(-e[0])) for e in x]
+    return [[prob_logit(p), 0.0, 0.0] for p in classic.predict(probs)]
+
+
 def average_prediction(ev: Event, reason: str, version: int) -> Prediction:
     p = plain_average(ev.experts)
     names = [e.name or f"model_{i}" for i, e in enumerate(ev.experts)]
@@ -257,7 +263,8 @@ class Snapshot:
     ready: bool  # min_samples outcomes learned
     schema: Schema
     net: NumpyNet | None  # None before the schema is fixed
-    skill_logw: np.ndarray | None = None  # (n,) the experts' recent-skill log weights, schema order
+    skill_logw: np.ndarray | None = None  # (tokens,) the recent-skill log weights, schema order
+    classic: Any = None  # a frozen copy of the learner's ClassicTokens (classic_tokens), never changed
 
     def predict(self, events: Sequence[Event], field: str = "model_outputs") -> list[Prediction | FusionInputError]:
         """One batched forward for the events that the fusion serves; the plain average, with its
@@ -286,9 +293,12 @@ class Snapshot:
                     out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
         if fused:
             n = self.schema.n_models
+            x = [r.x + classic_rows(self.classic, r.x) if self.classic is not None else r.x for _, r in fused]
             probs, weights = self.net.forward(
-                np.array([r.x for _, r in fused], dtype=np.float64),
+                np.array(x, dtype=np.float64),
                 np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1), self.skill_logw)
+            if self.classic is not None:  # attention on an aggregator's token goes to the experts behind it
+                weights = weights[:, :n] + weights[:, n:] @ np.array(self.classic.shares())
             names = self.schema.names
             for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
                 attention = [("", 0.0)] * n

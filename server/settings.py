@@ -213,6 +213,7 @@ FUSION_HELP: dict[str, str] = {
     "skill_bias": "each expert's recent skill (a discounted EWA forecaster's log weights) biases the pooling attention",
     "skill_eta": "learning rate of the skill forecaster, on log loss",
     "skill_halflife": "half-life of the skill forecaster's memory, in outcomes",
+    "classic_tokens": "classic online aggregators' forecasts (Fixed Share, stacking, recalibrated average) as extra tokens",
     "ema_decay": "serve an exponential moving average of the weights with this decay per step (0: the raw weights)",
     "logit_pool": "output = attention-weighted sum of per-expert calibrated logits + a learned correction",
 }

@@ -572,3 +572,20 @@ def test_ema_weights_serve_and_resume_exactly(tmp_path, stream):
     b.load(tmp_path / "c")
     assert feed(a, events[100:]) == feed(b, events[100:])
     assert all(torch.equal(a._ema[n], b._ema[n]) for n in a._ema)
+
+
+def test_classic_tokens_resume_exactly_and_report_weights_per_expert(tmp_path, stream):
+    cfg = dict(classic_tokens=True, skill_bias=True, logit_pool=True)
+    events = list(stream(36, 160))
+    a = make(**cfg)
+    feed(a, events[:100])
+    assert a._net.config.n_experts == 4 + 3 and a._skill.shape == (7,)
+    p = a.predict(*events[100][:2])
+    assert list(p.attention) == ["good", "noise0", "noise1", "noise2"]
+    assert sum(p.attention.values()) == pytest.approx(1.0, abs=1e-9)
+    a.save(tmp_path / "c")
+    b = make(**cfg)
+    b.load(tmp_path / "c")
+    assert feed(a, events[100:]) == feed(b, events[100:])
+    assert_same(fingerprint(a), fingerprint(b))
+    assert a._classic.state() == b._classic.state()
