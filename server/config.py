@@ -68,6 +68,9 @@ class FusionConfig:
     # The forecasts of classic online aggregators (Fixed Share, logistic stacking, recalibrated
     # average: server/baselines.py ClassicTokens) as extra tokens beside the experts'.
     classic_tokens: bool = False
+    # A learned identity embedding per expert position (the original design). Off: no expert can be
+    # trusted for its position alone, only for what it says and its recent skill.
+    expert_identity: bool = True
     # Serve (and validate) an exponential moving average of the weights with this decay per
     # training step (0: off, the raw weights): online SGD's step-to-step jitter averaged away.
     ema_decay: float = 0.0
@@ -128,7 +131,7 @@ class FusionConfig:
 
 
 # Fields whose values change the network's shapes: a checkpoint must match them to load.
-ARCHITECTURE_FIELDS = ("hidden_dim", "num_heads", "skill_bias", "logit_pool", "classic_tokens")
+ARCHITECTURE_FIELDS = ("hidden_dim", "num_heads", "skill_bias", "logit_pool", "classic_tokens", "expert_identity")
 
 
 def _coerce(name: str, value: Any, type_name: Any) -> Any:

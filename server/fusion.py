@@ -440,7 +440,8 @@ class TransformerFusion:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             self._net = FusionNet(NetConfig(self._tokens, n_features, c.hidden_dim, c.num_heads, c.dropout,
-                                            skill_bias=c.skill_bias, logit_pool=c.logit_pool))
+                                            skill_bias=c.skill_bias, logit_pool=c.logit_pool,
+                                            expert_identity=c.expert_identity))
             torch.manual_seed(c.seed + 1)
             self._torch_rng = torch.get_rng_state()
         # Always in training mode: predictions and validation read the Snapshot, never the module.

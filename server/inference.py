@@ -70,8 +70,8 @@ class NumpyNet:
         source = params if params is not None else dict(net.named_parameters())
         p = {k: v.detach().numpy().astype(np.float64) for k, v in source.items()}
         T = lambda name: p[name].T.copy()  # noqa: E731  x @ W layout
-        w: dict[str, np.ndarray] = {"expert_in": T("expert_in.weight"),
-                                    "own_bias": p["expert_in.bias"] + p["expert_id.weight"]}  # (n, C)
+        w: dict[str, np.ndarray] = {"expert_in": T("expert_in.weight"),  # own_bias: (n, C), or (C,) without identity
+                                    "own_bias": p["expert_in.bias"] + p.get("expert_id.weight", 0.0)}
         if c.n_features:
             w["feature_in"] = T("feature_in.weight")
             w["feature_bias"] = p["feature_in.bias"] + p["feature_type"]

@@ -44,6 +44,9 @@ class NetConfig:
     # Output: the attention-weighted sum of per-expert calibrated logits, plus a correction from
     # the pooled vector (zero at init), instead of a head on the pooled vector alone.
     logit_pool: bool = False
+    # A learned identity embedding per expert position. Without it the network cannot memorize
+    # which expert was good: trust comes from the content and the skill prior only.
+    expert_identity: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.num_heads:
@@ -141,7 +144,8 @@ class FusionNet(nn.Module):
         super().__init__()
         self.config = c
         self.expert_in = nn.Linear(EXPERT_INPUTS, c.hidden_dim)
-        self.expert_id = nn.Embedding(c.n_experts, c.hidden_dim)
+        if c.expert_identity:
+            self.expert_id = nn.Embedding(c.n_experts, c.hidden_dim)
         if c.n_features:
             self.feature_in = nn.Linear(c.n_features, c.hidden_dim)
             self.feature_type = nn.Parameter(torch.zeros(c.hidden_dim))
@@ -166,7 +170,9 @@ class FusionNet(nn.Module):
         c = self.config
         if n != c.n_experts:
             raise ValueError(f"expected {c.n_experts} experts, got {n}")
-        own = self.expert_in(experts) + self.expert_id.weight  # (B, n, C)
+        own = self.expert_in(experts)  # (B, n, C)
+        if c.expert_identity:
+            own = own + self.expert_id.weight
         tokens = own
         if c.n_features:
             if feats is None or feats.shape != (B, c.n_features):

@@ -214,6 +214,7 @@ FUSION_HELP: dict[str, str] = {
     "skill_eta": "learning rate of the skill forecaster, on log loss",
     "skill_halflife": "half-life of the skill forecaster's memory, in outcomes",
     "classic_tokens": "classic online aggregators' forecasts (Fixed Share, stacking, recalibrated average) as extra tokens",
+    "expert_identity": "a learned identity embedding per expert position (off: trust from content and skill only)",
     "ema_decay": "serve an exponential moving average of the weights with this decay per step (0: the raw weights)",
     "logit_pool": "output = attention-weighted sum of per-expert calibrated logits + a learned correction",
 }

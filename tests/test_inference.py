@@ -10,11 +10,12 @@ from titan_fusion.server.model import FusionNet, NetConfig
 
 @pytest.mark.parametrize("n_experts, n_features, heads, skill, pool", [
     (4, 3, 2, False, False), (4, 0, 2, False, False), (6, 5, 4, False, False), (1, 1, 1, False, False),
-    (4, 3, 2, True, False), (4, 3, 2, False, True), (4, 3, 2, True, True), (4, 0, 2, True, True)])
+    (4, 3, 2, True, False), (4, 3, 2, False, True), (4, 3, 2, True, True), (4, 0, 2, True, True),
+    (7, 3, 2, True, "no-identity")])
 def test_snapshot_equals_torch_eval_to_1e6(n_experts, n_features, heads, skill, pool):
     torch.manual_seed(7)
     net = FusionNet(NetConfig(n_experts, n_features, hidden_dim=32, num_heads=heads, dropout=0.2,
-                              skill_bias=skill, logit_pool=pool))
+                              skill_bias=skill, logit_pool=bool(pool), expert_identity=pool != "no-identity"))
     with torch.no_grad():  # move every weight off its init (the query starts at 0)
         for p in net.parameters():
             p.add_(0.3 * torch.randn_like(p))
