@@ -16,6 +16,9 @@ from titan_fusion.server.checkpoint import MODEL_FILE, STATE_FILE
 from titan_fusion.server.fusion import lr_at
 from titan_fusion.server.model import FusionNet, NetConfig
 
+# The network exactly as the original describes it (docs/quality.md: the defaults add to it).
+AS_SPECIFIED = {"skill_bias": False, "logit_pool": False, "classic_tokens": False, "expert_identity": True,
+                "ema_decay": 0.0}
 FAST = {"min_samples": 20, "warmup_steps": 10, "batch_size": 8, "val_every": 5, "decay_steps": 200,
         "early_stopping_patience": 10_000}
 
@@ -96,8 +99,9 @@ def test_attention_weights_by_expert_name_sum_to_one_and_start_uniform(stream):
     assert sum(w.values()) == pytest.approx(1.0, abs=1e-9)
     p = f.predict(*next(stream(4, 1))[:2])
     assert sum(p.attention.values()) == pytest.approx(1.0, abs=1e-9)
-    # An untrained network (query = 0) attends uniformly: entropy ln 4.
-    fresh = make(learning_rate=1e-12, min_samples=1)
+    # An untrained network as the original specifies it (query = 0, no skill prior) attends
+    # uniformly: entropy ln 4. (With the skill prior it attends as the prior says: tested below.)
+    fresh = make(learning_rate=1e-12, min_samples=1, **AS_SPECIFIED)
     feed(fresh, stream(5, 3))
     assert fresh.get_training_stats()["avg_attention_entropy"] == pytest.approx(math.log(4), abs=1e-6)
 
@@ -167,17 +171,17 @@ def test_guard_dropout_on_in_training_off_in_prediction(stream):
     drops = [m for m in f._net.modules() if isinstance(m, torch.nn.Dropout)]
     assert drops and all(m.p == 0.2 for m in drops) and f._net.block.attn.dropout == 0.2
     b = f._train.gather()
-    x, feats = b["x"], torch.zeros(len(b["label"]), 2)
+    x, feats, skill = b["x"], torch.zeros(len(b["label"]), 2), b["skill"]
     assert f._net.training  # the learner's module trains; predictions read the snapshot
-    out1, _, _ = f._net(x, feats)
-    out2, _, _ = f._net(x, feats)
+    out1, _, _ = f._net(x, feats, skill=skill)
+    out2, _, _ = f._net(x, feats, skill=skill)
     assert not torch.equal(out1, out2)  # dropout is on in training
     experts, feats_, _ = next(stream(11, 1))
     assert f.forward(experts, feats_) == f.forward(experts, feats_)  # and off in prediction
     no_drop = make(dropout=0.0)
     feed(no_drop, stream(10, 30))
-    o1, _, _ = no_drop._net(x, feats)
-    assert torch.equal(o1, no_drop._net(x, feats)[0])
+    o1, _, _ = no_drop._net(x, feats, skill=skill)
+    assert torch.equal(o1, no_drop._net(x, feats, skill=skill)[0])
 
 
 def test_guard_weight_decay_on_matrices_only():
@@ -511,7 +515,7 @@ def test_forecasts_never_fix_the_schema_outcomes_do():
 
 
 def test_skill_is_a_discounted_ewa_on_log_loss():
-    f = make(skill_bias=True, skill_eta=1.0, skill_halflife=2)
+    f = make(skill_bias=True, skill_eta=1.0, skill_halflife=2, classic_tokens=False)
     experts = [{"prob_up": p, "name": n} for p, n in ((0.8, "a"), (0.5, "b"), (0.2, "c"), (0.5, "d"))]
     f.update(experts, None, "UP")
     losses = [-math.log(p) for p in (0.8, 0.5, 0.2, 0.5)]
@@ -531,7 +535,7 @@ def test_skill_is_a_discounted_ewa_on_log_loss():
 def test_untrained_skill_bias_and_logit_pool_give_the_skill_weighted_log_linear_pool(stream):
     """With the query at 0 and the correction at 0, attention = the skill weights and the output is
     their weighted sum of the experts' logits: a classic pool the network then corrects."""
-    f = make(skill_bias=True, logit_pool=True, min_samples=30, learning_rate=1e-12)
+    f = make(skill_bias=True, logit_pool=True, classic_tokens=False, min_samples=30, learning_rate=1e-12)
     feed(f, stream(32, 30), predict=False)
     experts, feats, _ = next(stream(33, 1))
     p = f.predict(experts, feats)
@@ -554,7 +558,7 @@ def test_exact_resume_with_skill_bias_and_logit_pool(tmp_path, stream):
     assert_same(fingerprint(a), fingerprint(b))
     assert torch.equal(a._skill, b._skill)
     with pytest.raises(IncompatibleCheckpointError, match="skill_bias"):
-        make().load(tmp_path / "c")
+        make(**AS_SPECIFIED).load(tmp_path / "c")
 
 
 def test_ema_weights_serve_and_resume_exactly(tmp_path, stream):
