@@ -77,7 +77,7 @@ class FusionConfig:
     expert_identity: bool = False
     # Serve (and validate) an exponential moving average of the weights with this decay per
     # training step (0: off, the raw weights): online SGD's step-to-step jitter averaged away.
-    ema_decay: float = 0.99
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
         _validate(self)
