@@ -66,25 +66,31 @@ def parse_experts(model_outputs: Any, field: str = "model_outputs") -> tuple[Exp
     """
     if isinstance(model_outputs, (str, bytes, Mapping)) or not isinstance(model_outputs, Sequence):
         raise FusionInputError(field, f"must be a list of expert outputs, got {type(model_outputs).__name__}")
-    if len(model_outputs) == 0:
+    for i, out in enumerate(model_outputs):
+        if out is None:
+            raise FusionInputError(f"{field}[{i}]", "is missing")
+    return parse_expert_fields(
+        [(_get(o, "prob_up"), _get(o, "prob_down"), _get(o, "confidence"),
+          _get(o, "name") if _get(o, "name") is not None else _get(o, "model_name")) for o in model_outputs], field)
+
+
+def parse_expert_fields(rows: Sequence[tuple[Any, Any, Any, Any]], field: str) -> tuple[Expert, ...]:
+    """The validation of parse_experts on (prob_up, prob_down, confidence, name) tuples: what the
+    gRPC servicer builds straight from its messages."""
+    if len(rows) == 0:
         raise FusionInputError(field, "is empty: at least one expert output is required")
-    if len(model_outputs) > MAX_EXPERTS:
-        raise FusionInputError(field, f"has {len(model_outputs)} experts; at most {MAX_EXPERTS}")
+    if len(rows) > MAX_EXPERTS:
+        raise FusionInputError(field, f"has {len(rows)} experts; at most {MAX_EXPERTS}")
     experts = []
     seen: dict[str, int] = {}
-    for i, out in enumerate(model_outputs):
+    for i, (prob_up, prob_down, confidence, name) in enumerate(rows):
         f = f"{field}[{i}]"
-        if out is None:
-            raise FusionInputError(f, "is missing")
-        prob_up = _number(_get(out, "prob_up"), f"{f}.prob_up", required=True, lo=0.0, hi=1.0)
-        prob_down = _number(_get(out, "prob_down"), f"{f}.prob_down", required=False, lo=0.0, hi=1.0)
+        prob_up = _number(prob_up, f"{f}.prob_up", required=True, lo=0.0, hi=1.0)
+        prob_down = _number(prob_down, f"{f}.prob_down", required=False, lo=0.0, hi=1.0)
         if prob_down is not None and abs(prob_up + prob_down - 1.0) > PROB_SUM_TOLERANCE:
             raise FusionInputError(f"{f}.prob_down",
                                    f"prob_up + prob_down = {prob_up + prob_down:.6g}, must be 1 (within {PROB_SUM_TOLERANCE:g})")
-        confidence = _number(_get(out, "confidence"), f"{f}.confidence", required=False, lo=0.0, hi=1.0)
-        name = _get(out, "name")
-        if name is None:
-            name = _get(out, "model_name")
+        confidence = _number(confidence, f"{f}.confidence", required=False, lo=0.0, hi=1.0)
         if name is not None:
             if not isinstance(name, str):
                 raise FusionInputError(f"{f}.name", f"must be a string, got {type(name).__name__}")

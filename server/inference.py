@@ -209,6 +209,17 @@ class Schema:
     def resolve(self, ev: Event, field: str = "model_outputs") -> Resolved:
         """Map an event with n_models experts onto the schema, or raise FusionInputError. `field` is
         what the caller calls the experts ("model_outputs" in-process, "experts" on the wire)."""
+        order, schema, new_expert_names, new_feature_names = self.check(ev, field)
+        experts = [ev.experts[k] for k in order]
+        return Resolved(
+            x=[[prob_logit(e.prob_up), 0.0, 0.0] if e.confidence is None else [prob_logit(e.prob_up), e.confidence, 1.0]
+               for e in experts],
+            feats=[ev.features.get(n, math.nan) for n in schema],
+            order=order, expert_names=new_expert_names, feature_names=new_feature_names)
+
+    def check(self, ev: Event, field: str = "model_outputs"):
+        """Validate an event against the schema without building the model's inputs: (order,
+        feature schema, expert names to fix or None, feature names to fix or None)."""
         names = [e.name for e in ev.experts]
         new_expert_names = None
         order = list(range(self.n_models))
@@ -234,12 +245,7 @@ class Schema:
         if missing and self.missing_features == "reject":
             raise FusionInputError("features", f"missing feature(s) {', '.join(missing)}; the schema is "
                                    f"[{', '.join(schema)}] (set fusion.missing_features = \"mean\" to impute)")
-        experts = [ev.experts[k] for k in order]
-        return Resolved(
-            x=[[prob_logit(e.prob_up), 0.0, 0.0] if e.confidence is None else [prob_logit(e.prob_up), e.confidence, 1.0]
-               for e in experts],
-            feats=[ev.features.get(n, math.nan) for n in schema],
-            order=order, expert_names=new_expert_names, feature_names=new_feature_names)
+        return order, schema, new_expert_names, new_feature_names
 
 
 def classic_rows(classic: Any, x: Sequence[Sequence[float]]) -> list[list[float]]:

@@ -298,13 +298,15 @@ class ModelOwner:
                 fut.set_result(result)
 
     # ------------------------------------------------------------------ outcomes
-    def _validate(self, event: Event | None, event_id: str) -> tuple[Event | None, bool, Predicted | None]:
+    def _validate(self, event: Event | None, event_id: str,
+                  bulk: bool = False) -> tuple[Event | None, bool, Predicted | None]:
         """Resolve an outcome's inputs (from an earlier Predict if it has none) and check them
         against the schema as of the journal's head. Returns (event, from_predict, the Predict with
         this event_id if any); event None means a duplicate known only by its event_id. Raises
         FusionInputError."""
         from_predict = False
-        predicted = self._journal.predicted(event_id) if event_id else None
+        # A bulk row that carries its inputs is history, not a Predict this service served: no lookup.
+        predicted = self._journal.predicted(event_id) if event_id and (event is None or not bulk) else None
         if event is None:
             if predicted is None:
                 if self._journal.has_outcome(event_id):
@@ -317,11 +319,11 @@ class ModelOwner:
         if len(event.experts) != schema.n_models:
             raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
                                    "an outcome with another expert count cannot be learned")
-        r = schema.resolve(event, "experts")
-        if r.expert_names is not None or r.feature_names is not None:
+        _, _, new_names, new_features = schema.check(event, "experts")
+        if new_names is not None or new_features is not None:
             self._schema_ahead = replace(
-                schema, expert_names=schema.expert_names or r.expert_names,
-                feature_names=schema.feature_names if schema.feature_names is not None else r.feature_names)
+                schema, expert_names=schema.expert_names or new_names,
+                feature_names=schema.feature_names if schema.feature_names is not None else new_features)
         return event, from_predict, predicted
 
     def _journal_rows(self, rows: list[tuple[Event | None, str, int]]) -> list[int | None] | Exception:
@@ -374,7 +376,7 @@ class ModelOwner:
         rows = []
         for index, (event, event_id, label) in w.payload:
             try:
-                event, _, predicted = self._validate(event, event_id)
+                event, _, predicted = self._validate(event, event_id, bulk=True)
             except FusionInputError as e:
                 results.append(("rejected", (index, event_id, e)))
                 continue

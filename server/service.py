@@ -41,7 +41,7 @@ from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, DeadlineExpiredError, FusionError,
                      FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
                      ShuttingDownError, UnknownEventError)
-from .events import MAX_EVENT_ID_LENGTH, parse_event_id, parse_experts, parse_features
+from .events import MAX_EVENT_ID_LENGTH, parse_event_id, parse_expert_fields, parse_features
 from .fusion import TransformerFusion
 from .inference import Event, Prediction
 from .journal import Journal
@@ -131,11 +131,9 @@ class _Counters:
 
 
 def event_from_proto(experts: Any, features: Any) -> Event:
-    outputs = [{"prob_up": e.prob_up if e.HasField("prob_up") else None,
-                "prob_down": e.prob_down if e.HasField("prob_down") else None,
-                "confidence": e.confidence if e.HasField("confidence") else None,
-                "name": e.name or None} for e in experts]
-    return Event(parse_experts(outputs, field="experts"), parse_features(dict(features)))
+    rows = [(e.prob_up if e.HasField("prob_up") else None, e.prob_down if e.HasField("prob_down") else None,
+             e.confidence if e.HasField("confidence") else None, e.name or None) for e in experts]
+    return Event(parse_expert_fields(rows, "experts"), parse_features(dict(features)))
 
 
 def outcome_from_proto(request: pb.RecordOutcomeRequest) -> tuple[Event | None, str, int]:
