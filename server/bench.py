@@ -167,6 +167,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
     import grpc
 
     from titan_fusion.client.client import CHANNEL_OPTIONS
+    from titan_fusion.client.convert import to_expert_forecasts
     from titan_fusion.client.pb import fusion_pb2 as pb
     from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
     from titan_fusion.server.synthetic import informative_stream
@@ -188,8 +189,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         events = list(informative_stream(3, 1500))
 
         def to_req(e, f):
-            return pb.PredictRequest(experts=[pb.ExpertForecast(name=x["name"], prob_up=x["prob_up"]) for x in e],
-                                     features=f)
+            return pb.PredictRequest(experts=to_expert_forecasts(e), features=f)
         for i, (e, f, d) in enumerate(events[:400]):  # past min_samples: the fusion serves
             stub.RecordOutcome(pb.RecordOutcomeRequest(
                 experts=to_req(e, f).experts, features=f, event_id=f"warm-{i}",
@@ -290,13 +290,14 @@ def bench_bulk(stub, quick: bool) -> dict:
     """Stream N outcomes: acknowledged/s (journaled); then the time until the model has learned
     them all, against the in-process class learning the same events (the same schedule)."""
     import torch
+    from titan_fusion.client.convert import to_expert_forecasts
     from titan_fusion.client.pb import fusion_pb2 as pb
     from titan_fusion.server.fusion import TransformerFusion
     from titan_fusion.server.synthetic import informative_stream
     n = 3_000 if quick else 10_000
     events = list(informative_stream(23, n))
     reqs = [pb.RecordOutcomeRequest(
-        experts=[pb.ExpertForecast(name=x["name"], prob_up=x["prob_up"]) for x in e], features=f,
+        experts=to_expert_forecasts(e), features=f,
         event_id=f"bulk-{i}", actual_direction=pb.DIRECTION_UP if d == "UP" else pb.DIRECTION_DOWN)
         for i, (e, f, d) in enumerate(events)]
     before = stub.Stats(pb.StatsRequest(), timeout=10).service

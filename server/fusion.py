@@ -66,7 +66,8 @@ from .config import ARCHITECTURE_FIELDS, FusionConfig
 from .errors import ConfigError, FusionInputError, IncompatibleCheckpointError
 from .events import parse_direction
 from .baselines import ClassicTokens
-from .inference import Event, NumpyNet, Prediction, Resolved, Schema, ServingStats, Snapshot, classic_rows
+from .inference import (Event, NumpyNet, Prediction, Resolved, Schema, ServingStats, Snapshot, classic_rows,
+                        expert_probs)
 from .model import EXPERT_INPUTS, FusionNet, NetConfig
 
 LOSS_WINDOW = 50  # train_loss is the mean of the last this-many mini-batch losses
@@ -405,11 +406,12 @@ class TransformerFusion:
         self._snap = None
         x = r.x
         if self._classic is not None:  # the classic aggregators forecast first, then learn (prequential)
-            x = x + classic_rows(self._classic, x)
+            probs = expert_probs(r.x)
+            x = x + classic_rows(self._classic, probs)
         row = {"x": x, "feats": feats, "label": 1 - label, "skill": self._skill.clone()}
         self._update_skill(x, label)
         if self._classic is not None:
-            self._classic.learn([1.0 / (1.0 + math.exp(-e[0])) for e in r.x], label)
+            self._classic.learn(probs, label)
         to_val = c.val_split > 0 and split_uniform(c.seed, self._outcomes) < c.val_split
         (self._val if to_val else self._train).append(row)
         self._outcomes += 1
@@ -606,12 +608,12 @@ class TransformerFusion:
         self._best_step, self._early_stops = int(k["best_step"]), int(k["early_stops"])
         self._checks_since_best = int(k["checks_since_best"])
         self._paused_at_val_seen = k["paused_at_val_seen"]
-        self._val_loss = _float(state["val_loss"])
-        self._best_val_loss = _float(state["best_val_loss"])
-        self._last_grad_norm = _float(state["last_grad_norm"])
+        self._val_loss = float(state["val_loss"])  # float("nan") / float("inf") read what _jsonable wrote
+        self._best_val_loss = float(state["best_val_loss"])
+        self._last_grad_norm = float(state["last_grad_norm"])
         self._losses.extend(float(x) for x in state["losses"])
         self._serving.load(state["serving"])
-        self._history.extend({k: _float(v) if k in ("lr", "train_loss", "val_loss") else v for k, v in h.items()}
+        self._history.extend({k: float(v) if k in ("lr", "train_loss", "val_loss") else v for k, v in h.items()}
                              for h in state["history"])
         self._recent_ids = dict.fromkeys(state.get("recent_event_ids") or ())
         if self._classic is not None:
@@ -622,6 +624,3 @@ def _jsonable(x: float) -> float | str:
     """JSON has no NaN or infinity: store them as strings."""
     return x if math.isfinite(x) else repr(x)
 
-
-def _float(x: Any) -> float:
-    return float(x)  # float("nan") and float("inf") read back what _jsonable wrote

@@ -248,9 +248,13 @@ class Schema:
         return order, schema, new_expert_names, new_feature_names
 
 
-def classic_rows(classic: Any, x: Sequence[Sequence[float]]) -> list[list[float]]:
-    """Token inputs of the classic aggregators' forecasts for an event with expert inputs `x`."""
-    probs = [1.0 / (1.0 + math.exp(-e[0])) for e in x]
+def expert_probs(x: Sequence[Sequence[float]]) -> list[float]:
+    """The experts' (clipped) prob_up, back from their token inputs' logits."""
+    return [1.0 / (1.0 + math.exp(-e[0])) for e in x]
+
+
+def classic_rows(classic: Any, probs: Sequence[float]) -> list[list[float]]:
+    """Token inputs of the classic aggregators' forecasts, given the experts' `expert_probs`."""
     return [[prob_logit(p), 0.0, 0.0] for p in classic.predict(probs)]
 
 
@@ -299,7 +303,8 @@ class Snapshot:
                     out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
         if fused:
             n = self.schema.n_models
-            x = [r.x + classic_rows(self.classic, r.x) if self.classic is not None else r.x for _, r in fused]
+            x = [r.x + classic_rows(self.classic, expert_probs(r.x)) if self.classic is not None else r.x
+                 for _, r in fused]
             probs, weights = self.net.forward(
                 np.array(x, dtype=np.float64),
                 np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1), self.skill_logw)

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from titan_fusion.client.client import CHANNEL_OPTIONS
+from titan_fusion.client.convert import to_expert_forecasts
 from titan_fusion.client.pb import fusion_pb2 as pb
 from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 
@@ -29,8 +30,7 @@ from .synthetic import informative_stream
 
 
 def _request(experts, features, event_id=""):
-    return pb.PredictRequest(experts=[pb.ExpertForecast(name=e["name"], prob_up=e["prob_up"]) for e in experts],
-                             features=features, event_id=event_id)
+    return pb.PredictRequest(experts=to_expert_forecasts(experts), features=features, event_id=event_id)
 
 
 async def _client(stub, k: int, stop_at: float, counts: collections.Counter, errors: collections.Counter) -> None:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from titan_fusion.client import FusionClient
+from titan_fusion.client.convert import to_expert_forecasts
 from titan_fusion.client.pb import fusion_pb2 as pb
 from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 from titan_fusion.server.config import FusionConfig
@@ -150,7 +151,7 @@ def rpc_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.RpcErro
 
 
 def to_pb_experts(experts: list[dict]) -> list[pb.ExpertForecast]:
-    return [pb.ExpertForecast(name=x["name"], prob_up=x["prob_up"]) for x in experts]
+    return to_expert_forecasts(experts)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
