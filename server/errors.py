@@ -28,6 +28,10 @@ class ConfigError(FusionError, ValueError):
     def __init__(self, parameter: str, message: str):
         super().__init__(f"{parameter}: {message}")
         self.parameter = parameter
+        self.message = message
+
+    def __reduce__(self):  # survives pickling (the trainer process sends errors back)
+        return type(self), (self.parameter, self.message)
 
 
 class FusionInputError(FusionError, ValueError):
@@ -39,6 +43,10 @@ class FusionInputError(FusionError, ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self):  # survives pickling (the trainer process sends errors back)
+        return type(self), (self.field, self.message)
 
 
 class UnknownEventError(FusionInputError):
@@ -67,6 +75,11 @@ class ShuttingDownError(FusionError):
 
 class NotReadyError(FusionError):
     """The service is still loading its checkpoint and replaying its journal."""
+
+
+class TrainerDiedError(FusionError):
+    """The trainer process died (killed, out of memory); the model owner starts a new one and
+    rebuilds the model from the newest checkpoint and the journal. Retry."""
 
 
 class DeadlineExpiredError(FusionError):

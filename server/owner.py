@@ -4,11 +4,12 @@
             │                           └─ inputs with an event_id ─┐
             └──RecordOutcome/Checkpoint──▶ bounded queue ◀──────────┘
                                               ▼
-                               ModelOwner thread: journal (SQLite) ─▶ TransformerFusion.learn
+                               ModelOwner thread: journal (SQLite) ─▶ trainer.learn ─▶ trainer process
                                               └─ publishes Snapshot + stats after each batch
 
-ModelOwner is the only code that touches the TransformerFusion (its torch module, optimizer and
-buffers), the journal and the checkpoint store. Work reaches it through a bounded queue: a full
+ModelOwner is the only code that changes the model (through its trainer, server/trainer.py: by
+default a child process that holds the TransformerFusion, its torch module, optimizer and buffers),
+the journal and the checkpoint store. Work reaches it through a bounded queue: a full
 queue raises OverloadedError at once. It drains what is queued (never waiting for more), commits the
 outcomes of the batch to the journal in one transaction, learns them in journal order, publishes a
 new Published (snapshot + statistics), and only then answers the batch: nothing is acknowledged
@@ -37,19 +38,22 @@ from typing import Any, Callable, Sequence
 
 from .errors import (DeadlineExpiredError, FusionInputError, NotReadyError, OverloadedError,
                      ShuttingDownError, UnknownEventError)
-from .fusion import TransformerFusion, warm_up
 from .events import plain_average
 from .inference import (REASON_UNDERPERFORMING, SOURCE_FUSION, Event, Prediction, ServingStats, Snapshot,
                         average_prediction)
 from .journal import Journal, Predicted
 from .live import LiveScorer
 from .store import CheckpointInfo, CheckpointStore, check_name
+from .trainer import LocalTrainer, TrainerDiedError, TrainerProcess
 
 log = logging.getLogger("titan_fusion.server.owner")
 MAX_BATCH = 256  # work items taken from the queue at once
 MAX_PREDICT_BATCH = 256
 LEARN_SLICE_SECONDS = 0.005  # learning between two batches of work while more work waits
 CATCH_UP_SLICE_SECONDS = 0.1  # learning between two publications while nothing else waits
+LEARN_CHUNK = 16  # outcomes handed to the trainer at once during a short slice
+CATCH_UP_CHUNK = 256  # ... during a long slice, or when learning everything
+Trainer = LocalTrainer | TrainerProcess
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,16 @@ class _Work:
 
 
 class ModelOwner:
-    def __init__(self, fusion: TransformerFusion, journal: Journal, store: CheckpointStore, *,
+    def __init__(self, new_trainer: Callable[[], Trainer], journal: Journal, store: CheckpointStore, *,
                  queue_size: int = 1024, checkpoint_every: int = 1000,
                  on_publish: Callable[[Published], None] | None = None,
                  on_outcome: Callable[[bool], None] | None = None, scorer: LiveScorer | None = None,
                  on_checkpoint: Callable[[str, bool], None] | None = None):
-        self._fusion = fusion
+        """`new_trainer` makes the trainer that holds the model (server/trainer.py): called by the
+        owner thread when it starts, and again if a trainer process dies."""
+        self._new_trainer = new_trainer
+        self._trainer: Trainer | None = None
+        self.trainer_restarts = 0
         self._scorer = scorer or LiveScorer()
         self._last_outcome_time = 0.0
         self._journal = journal
@@ -126,7 +134,7 @@ class ModelOwner:
         self._on_checkpoint = on_checkpoint or (lambda action, ok: None)  # ("save"|"restore", succeeded)
         self._applied_seq = 0  # last journal seq the model has learned
         self._journal_seq = 0  # last journal seq committed
-        self._schema_ahead = fusion.schema  # the schema as of the journal's head (validation)
+        self._schema_ahead = None  # the schema as of the journal's head (validation); set by recovery
         self._pending: deque[_Pending] = deque()  # journaled, not yet learned, in seq order
         self._since_checkpoint = 0
         self._last_checkpoint = ""
@@ -151,6 +159,11 @@ class ModelOwner:
         self._queue.put(_Work("stop", checkpoint))  # blocks until there is room: it must arrive
         self._thread.join(timeout)
         self._thread = None
+
+    @property
+    def trainer(self) -> Trainer | None:
+        """What holds the model (None until the owner thread has started it)."""
+        return self._trainer
 
     @property
     def queue_depth(self) -> int:
@@ -193,8 +206,38 @@ class ModelOwner:
             log.exception("model recovery failed")
             self.failed = e
             self._accepting = False
+            if self._trainer is not None:
+                self._trainer.close()
             return
         self.ready.set()
+        try:
+            self._serve()
+        except BaseException as e:  # a bug, or a trainer that cannot be restarted: fail loudly, hang nobody
+            log.exception("the model owner failed")
+            self.failed = e
+            self._accepting = False
+            self._fail_everything(e)
+        finally:
+            self._trainer.close()
+
+    def _fail_everything(self, e: BaseException) -> None:
+        for fut, _, _ in self._replies:
+            if not fut.done():
+                fut.set_exception(e)
+        self._replies = []
+        for p in self._pending:
+            if p.future is not None and not p.future.done():
+                p.future.set_exception(e)
+        self._pending.clear()
+        while True:
+            try:
+                w = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if w.future is not None and not w.future.done():
+                w.future.set_exception(e)
+
+    def _serve(self) -> None:
         while True:
             batch = self._take(block=not self._pending)
             stop = None
@@ -254,32 +297,70 @@ class ModelOwner:
         self._answer()
 
     def _recover(self) -> None:
-        warm_up()
-        info = self._store.load_newest_valid(self._fusion)
-        self._applied_seq = info.applied_seq if info else 0
-        self._last_checkpoint = info.name if info else ""
-        self._scorer.load(info.extra.get("live") if info else None)
-        replayed = 0
-        for jo in self._journal.outcomes_after(self._applied_seq):
-            try:
-                self._fusion.learn(jo.event, jo.label)
-                self._score(self._journal.predicted(jo.event_id) if jo.event_id else None, jo.label)
-                replayed += 1
-            except FusionInputError as e:  # only if the configuration changed under the journal
-                log.error("journal outcome seq=%d no longer fits the model and is skipped: %s", jo.seq, e)
-            self._applied_seq = jo.seq
-            self._since_checkpoint += 1
+        self._trainer = self._new_trainer()
+        self._trainer.warm_up()
+        info, replayed = self._rebuild(None, score=True)
+        self._since_checkpoint += replayed
         self._journal_seq = max(self._applied_seq, self._journal.last_seq())
         self._applied_seq = self._journal_seq
         self._last_outcome_time = self._journal.last_recorded_at()  # so "no outcomes for N hours" survives restarts
-        self._schema_ahead = self._fusion.schema
+        self._schema_ahead = self._trainer.schema
         log.info("recovered: checkpoint %s (journal seq %d), replayed %d outcomes, now at seq %d",
                  info.name if info else "none", info.applied_seq if info else 0, replayed, self._applied_seq)
         self._publish()
 
+    def _rebuild(self, upto: int | None, *, score: bool) -> tuple[CheckpointInfo | None, int]:
+        """Load the newest valid checkpoint into the trainer and learn the journal's outcomes after
+        it, up to seq `upto` (None: all); with `score`, the live scorer starts from the checkpoint's
+        state and scores them too. Sets applied_seq; returns (checkpoint, outcomes replayed)."""
+        info = self._store.load_newest_valid(self._trainer)
+        self._applied_seq = info.applied_seq if info else 0
+        self._last_checkpoint = info.name if info else ""
+        if score:
+            self._scorer.load(info.extra.get("live") if info else None)
+        replayed = 0
+        chunk: list = []
+        for jo in self._journal.outcomes_after(self._applied_seq):
+            if upto is not None and jo.seq > upto:
+                break
+            chunk.append(jo)
+            if len(chunk) >= CATCH_UP_CHUNK:
+                replayed += self._replay(chunk, score)
+                chunk = []
+        replayed += self._replay(chunk, score)
+        return info, replayed
+
+    def _replay(self, outcomes: list, score: bool) -> int:
+        if not outcomes:
+            return 0
+        results = self._trainer.learn([(jo.event, jo.label) for jo in outcomes], None)
+        for jo, (err, _, _) in zip(outcomes, results):
+            if isinstance(err, FusionInputError):  # only if the configuration changed under the journal
+                log.error("journal outcome seq=%d no longer fits the model and is skipped: %s", jo.seq, err)
+            elif err is not None:
+                raise err
+            elif score:
+                self._score(self._journal.predicted(jo.event_id) if jo.event_id else None, jo.label)
+            self._applied_seq = jo.seq
+        return len(outcomes)
+
+    def _restart_trainer(self, why: BaseException) -> None:
+        """The trainer process died: start a new one and rebuild the model it had (the newest
+        checkpoint plus the journal up to applied_seq: training is deterministic, so it is the same
+        model). Outcomes journaled but not learned yet stay queued for learning."""
+        log.error("%s; starting a new trainer and rebuilding the model from the newest checkpoint and the journal", why)
+        self._trainer.close()
+        self._trainer = self._new_trainer()
+        self.trainer_restarts += 1
+        applied = self._applied_seq
+        info, replayed = self._rebuild(applied, score=False)
+        self._applied_seq = applied
+        log.info("trainer restarted: checkpoint %s, replayed %d outcomes up to seq %d",
+                 info.name if info else "none", replayed, applied)
+
     def _publish(self) -> None:
-        f = self._fusion
-        self.published = Published(f.snapshot(), f.serving_stats, f.get_training_stats(), self._applied_seq,
+        t = self._trainer
+        self.published = Published(t.snapshot(), t.serving_stats, t.stats(), self._applied_seq,
                                    self._journal_seq, len(self._pending), self._last_checkpoint,
                                    self._scorer.snapshot(), self._last_outcome_time)
         self._on_publish(self.published)
@@ -396,26 +477,33 @@ class ModelOwner:
 
     def _learn_pending(self, slice_seconds: float | None) -> None:
         """Learn journaled outcomes in seq order: all of them, or for about `slice_seconds`."""
-        f = self._fusion
         started = time.monotonic()
+        chunk = LEARN_CHUNK if slice_seconds is not None and slice_seconds <= LEARN_SLICE_SECONDS else CATCH_UP_CHUNK
         while self._pending:
-            p = self._pending.popleft()
+            batch = [self._pending[i] for i in range(min(chunk, len(self._pending)))]
+            left = None if slice_seconds is None else max(0.0, slice_seconds - (time.monotonic() - started))
             try:
-                f.learn(p.event, p.label)
-            except Exception as e:  # validated at commit: a bug. The journal keeps the outcome.
-                log.exception("learning journaled outcome seq=%d failed", p.seq)
-                self._reply(p.future, error=e)
-            else:
-                self._score(p.predicted, p.label)
-                self._on_outcome(False)
-                self._reply(p.future, OutcomeAck(False, f.samples_trained, f.version, p.from_predict, p.seq))
-            self._applied_seq = p.seq
-            self._last_outcome_time = time.time()
-            self._since_checkpoint += 1
+                results = self._trainer.learn([(p.event, p.label) for p in batch], left)
+            except TrainerDiedError as e:
+                self._restart_trainer(e)  # the batch stays pending: learned by the new trainer
+                continue
+            for p, (err, samples, version) in zip(batch, results):
+                self._pending.popleft()
+                if err is not None:  # validated at commit: a bug. The journal keeps the outcome.
+                    log.error("learning journaled outcome seq=%d failed: %s: %s", p.seq, type(err).__name__, err)
+                    self._reply(p.future, error=err)
+                else:
+                    self._score(p.predicted, p.label)
+                    self._on_outcome(False)
+                    self._reply(p.future, OutcomeAck(False, samples, version, p.from_predict, p.seq))
+                self._applied_seq = p.seq
+                self._last_outcome_time = time.time()
+                self._since_checkpoint += 1
             if slice_seconds is not None and time.monotonic() - started > slice_seconds:
                 break
         # a duplicate answered in this batch reports the model as it now stands
-        self._replies = [(fut, OutcomeAck(True, f.samples_trained, f.version, r.from_predict, None)
+        t = self._trainer
+        self._replies = [(fut, OutcomeAck(True, t.samples_trained, t.version, r.from_predict, None)
                           if isinstance(r, _Duplicate) else r, err) for fut, r, err in self._replies]
 
     def _score(self, predicted: Predicted | None, label: int) -> None:
@@ -431,6 +519,8 @@ class ModelOwner:
             except Exception as e:
                 self._on_checkpoint(w.kind, False)
                 self._reply(w.future, error=e)
+                if isinstance(e, TrainerDiedError):
+                    self._restart_trainer(e)
             else:
                 self._on_checkpoint(w.kind, True)
             return
@@ -457,13 +547,13 @@ class ModelOwner:
         if w.kind == "save":
             name = check_name(w.payload, saving=True) if w.payload else None
             self._learn_pending(None)  # a checkpoint holds every outcome acknowledged before it
-            info = self._store.save(self._fusion, name or f"step-{self._fusion.version}", self._applied_seq,
+            info = self._store.save(self._trainer, name or f"step-{self._trainer.version}", self._applied_seq,
                                     {"live": self._scorer.state()})
             self._last_checkpoint = info.name
             self._since_checkpoint = 0
             self._reply(w.future, [info])
         else:  # restore
-            info = self._store.load(self._fusion, check_name(w.payload))
+            info = self._store.load(self._trainer, check_name(w.payload))
             self._scorer.load(info.extra.get("live"))
             # Outcomes journaled after that checkpoint (learned or not) are undone by the
             # restore: an automatic checkpoint of the restored model at the journal's head
@@ -471,17 +561,21 @@ class ModelOwner:
             undone = list(self._pending)
             self._pending.clear()
             for p in undone:
-                self._reply(p.future, OutcomeAck(False, self._fusion.samples_trained, self._fusion.version,
+                self._reply(p.future, OutcomeAck(False, self._trainer.samples_trained, self._trainer.version,
                                                  p.from_predict, p.seq))
             self._applied_seq = self._journal_seq = max(self._journal_seq, self._journal.last_seq())
-            self._schema_ahead = self._fusion.schema
+            self._schema_ahead = self._trainer.schema
             self._auto_checkpoint()
             self._last_checkpoint = info.name
             self._reply(w.future, [info])
 
     def _auto_checkpoint(self) -> None:
         try:
-            info = self._store.save(self._fusion, None, self._applied_seq, {"live": self._scorer.state()})
+            info = self._store.save(self._trainer, None, self._applied_seq, {"live": self._scorer.state()})
+        except TrainerDiedError as e:
+            self._on_checkpoint("save", False)
+            self._restart_trainer(e)
+            return
         except Exception:
             log.exception("automatic checkpoint failed; the journal keeps every outcome since the last one")
             self._on_checkpoint("save", False)

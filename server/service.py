@@ -40,7 +40,7 @@ from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 
 from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, DeadlineExpiredError, FusionError,
                      FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
-                     ShuttingDownError, UnknownEventError)
+                     ShuttingDownError, TrainerDiedError, UnknownEventError)
 from .events import MAX_EVENT_ID_LENGTH, parse_event_id, parse_expert_fields, parse_features
 from .fusion import TransformerFusion
 from .inference import Event, Prediction
@@ -51,6 +51,7 @@ from .owner import BulkAck, ModelOwner, OutcomeAck, Predictor, Published
 from . import security
 from .settings import ServiceConfig
 from .store import CheckpointInfo, CheckpointStore, check_name
+from .trainer import LocalTrainer, TrainerProcess
 
 log = logging.getLogger("titan_fusion.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FusionService"].full_name  # titan.fusion.v1.FusionService
@@ -65,6 +66,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (TrainerDiedError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ClientGoneError, grpc.StatusCode.CANCELLED),
 )
@@ -352,12 +354,11 @@ class FusionService:
     def _build(self, config: ServiceConfig, registry: Any, data: Path, credentials: Any) -> None:
         self.metrics = Metrics(registry)
         self.counters = _Counters()
-        self.fusion = TransformerFusion(config.fusion, n_models=config.n_models)
         self.journal = Journal(data / "journal.sqlite3", horizon_seconds=config.event_horizon_seconds,
                                keep_outcomes=config.journal_keep_outcomes,
                                keep_predictions=config.journal_keep_predictions)
         self.store = CheckpointStore(data / "checkpoints", keep=config.checkpoints_keep)
-        self.owner = ModelOwner(self.fusion, self.journal, self.store, queue_size=config.queue_size,
+        self.owner = ModelOwner(lambda: new_trainer(config), self.journal, self.store, queue_size=config.queue_size,
                                 checkpoint_every=config.checkpoint_every, on_publish=self._published,
                                 on_outcome=lambda dup: self.metrics.count_outcome(dup),
                                 on_checkpoint=self.metrics.count_checkpoint,
@@ -430,7 +431,9 @@ class FusionService:
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self._serving.set()
-            log.info("serving: %d outcomes learned, model version %d", self.fusion.samples_trained, self.fusion.version)
+            t = self.owner.trainer
+            log.info("serving: %d outcomes learned, model version %d, training in %s", t.samples_trained, t.version,
+                     "a child process" if isinstance(t, TrainerProcess) else "the model owner's thread")
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once the model is recovered and the service SERVING; False on timeout or failure."""
@@ -453,6 +456,13 @@ class FusionService:
         self.metrics.stop()
         self._release()
         log.info("stopped")
+
+
+def new_trainer(config: ServiceConfig) -> LocalTrainer | TrainerProcess:
+    """The model, in a child process (trainer = "process") or in the owner's thread ("thread")."""
+    if config.trainer == "process":
+        return TrainerProcess(config.fusion, config.n_models)
+    return LocalTrainer(TransformerFusion(config.fusion, n_models=config.n_models))
 
 
 def create_server(config: ServiceConfig, *, registry: Any = None) -> tuple[FusionService, int]:

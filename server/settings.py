@@ -61,6 +61,7 @@ ENV_FUSION_PREFIX = ENV_PREFIX + "FUSION_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 CONFIG_PARAMETER = SERVICE_PREFIX + "config"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRAINERS = ("process", "thread")
 MAX_MESSAGE_BYTES_LIMIT = 2**31 - 1  # gRPC takes the limit as a signed 32-bit int
 
 
@@ -81,6 +82,9 @@ class ServiceConfig:
     # How long a Predict's inputs are kept so that RecordOutcome can name just its event_id.
     event_horizon_seconds: float = 86400.0
     n_models: int = 4  # number of experts per event
+    # Where the model trains: "process" (a child process: training never holds the service's
+    # interpreter lock) or "thread" (the model owner's thread).
+    trainer: str = "process"
     checkpoint_every: int = 1000  # automatic checkpoint every N learned outcomes; 0 = off
     checkpoints_keep: int = 5  # automatic checkpoints kept in data_dir; older ones are deleted
     # Journal retention: outcomes already in a checkpoint beyond this many are pruned (their
@@ -154,6 +158,8 @@ SERVICE_HELP: dict[str, str] = {
     "grace_seconds": "shutdown grace: in-flight calls get this long to finish",
     "event_horizon_seconds": "how long Predict inputs are kept for RecordOutcome by event_id",
     "n_models": "number of experts per event",
+    "trainer": "where the model trains: \"process\" (a child process, so training never stalls Predicts) or "
+               "\"thread\" (the model owner's thread)",
     "checkpoint_every": "automatic checkpoint every N learned outcomes; 0 turns it off",
     "checkpoints_keep": "automatic checkpoints kept in data_dir; older ones are deleted",
     "journal_keep_outcomes": "journaled outcomes kept once checkpointed (duplicate event_ids are recognised "
@@ -255,6 +261,7 @@ def _validate(c: ServiceConfig) -> None:
     need(c.grace_seconds >= 0.0, "grace_seconds", f"must be >= 0, got {c.grace_seconds}")
     need(c.event_horizon_seconds > 0.0, "event_horizon_seconds", f"must be > 0, got {c.event_horizon_seconds}")
     need(c.n_models >= 1, "n_models", f"must be >= 1, got {c.n_models}")
+    need(c.trainer in TRAINERS, "trainer", f"must be one of {', '.join(TRAINERS)}, got {c.trainer!r}")
     need(c.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 = off), got {c.checkpoint_every}")
     need(c.checkpoints_keep >= 1, "checkpoints_keep", f"must be >= 1, got {c.checkpoints_keep}")
     need(c.live_window >= 1, "live_window", f"must be >= 1, got {c.live_window}")

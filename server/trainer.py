@@ -1,0 +1,289 @@
+"""Where the model trains: in the owner's thread (LocalTrainer) or in a child process (TrainerProcess).
+
+    service process                                          trainer process (nice 10)
+    ModelOwner thread ──("learn", [(event, label)...])──▶    TransformerFusion.learn, one by one
+                      ◀──(per outcome: error?, samples, version; Snapshot; stats)──┘
+                      ──("save", path, extra) / ("load", path)──▶ TransformerFusion.save / load
+
+The service's ModelOwner talks to one trainer through the small interface below and never to the
+TransformerFusion itself. LocalTrainer keeps the model in the owner's thread (tests, notebooks, the
+`trainer = "thread"` setting). TrainerProcess, the service's default, keeps it in a child process:
+a training step then never holds the service's interpreter lock, so Predicts and journal commits
+run beside training instead of between its Python statements. The pipe carries requests one at a
+time, in order, so the child applies them in the order the owner sent them: the owner still
+serializes every change of the model. After each request the child sends back the model's
+immutable inference Snapshot (when it changed) and its training statistics; predictions read that
+snapshot in the service process.
+
+Attention statistics (ServingStats) are recorded where Predicts are answered, in the service
+process; a checkpoint written by the child carries them (they travel with the save request) and a
+loaded checkpoint hands them back.
+
+The child dies with the service: it exits when the pipe closes, and asks the kernel (prctl
+PR_SET_PDEATHSIG) for SIGKILL when its parent dies. If the child dies first, the next request
+raises TrainerDiedError and the owner starts a new child and rebuilds the model from the newest
+checkpoint and the journal (ModelOwner._restart_trainer).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+from .config import FusionConfig
+from .errors import TrainerDiedError
+from .inference import Event, Schema, ServingStats, Snapshot
+
+log = logging.getLogger("titan_fusion.server.trainer")
+
+# (error or None, samples_trained, version) for each outcome learned, in order
+Learned = tuple[BaseException | None, int, int]
+START_TIMEOUT_SECONDS = 120.0  # a child imports torch and warms it up before it answers
+NICE = 10  # the trainer yields the CPU to the service's gRPC threads when both want it
+
+
+def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: float | None) -> list[Learned]:
+    """Learn `items` in order; stop after the first item that ends past `slice_seconds` (None: all).
+    A failure is returned in its item's place (the journal validated it: it is a bug) and the rest go on."""
+    out: list[Learned] = []
+    started = time.monotonic()
+    for event, label in items:
+        err: BaseException | None = None
+        try:
+            fusion.learn(event, label)
+        except Exception as e:  # noqa: BLE001 - reported per outcome
+            err = e
+        out.append((err, fusion.samples_trained, fusion.version))
+        if slice_seconds is not None and time.monotonic() - started > slice_seconds:
+            break
+    return out
+
+
+class LocalTrainer:
+    """The model in the calling thread: every call runs TransformerFusion directly."""
+
+    def __init__(self, fusion: Any):
+        self.fusion = fusion
+
+    @property
+    def serving_stats(self) -> ServingStats:
+        return self.fusion.serving_stats
+
+    @property
+    def schema(self) -> Schema:
+        return self.fusion.schema
+
+    @property
+    def samples_trained(self) -> int:
+        return self.fusion.samples_trained
+
+    @property
+    def version(self) -> int:
+        return self.fusion.version
+
+    def warm_up(self) -> None:
+        from .fusion import warm_up
+        warm_up()
+
+    def learn(self, items: Sequence[tuple[Event, int]], slice_seconds: float | None = None) -> list[Learned]:
+        return learn_items(self.fusion, items, slice_seconds)
+
+    def snapshot(self) -> Snapshot:
+        return self.fusion.snapshot()
+
+    def stats(self) -> dict[str, Any]:
+        return self.fusion.get_training_stats()
+
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
+        self.fusion.save(path, extra)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        return self.fusion.load(path)
+
+    def close(self) -> None:
+        pass
+
+
+class TrainerProcess:
+    """The model in a child process, behind the LocalTrainer interface. Called by one thread (the
+    model owner); the properties read what the child last reported."""
+
+    def __init__(self, config: FusionConfig, n_models: int, *, nice: int = NICE,
+                 start_timeout: float = START_TIMEOUT_SECONDS):
+        ctx = multiprocessing.get_context("forkserver")
+        # The fork server imports torch and the model once; each trainer is a fork of it (fast).
+        ctx.set_forkserver_preload([__name__, "titan_fusion.server._trainer_preload"])
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, nice),
+                                 name="titan-fusion-trainer", daemon=True)
+        self._proc.start()
+        child.close()
+        self._serving = ServingStats(config.attention_window)
+        self._n_models = n_models
+        self._snapshot: Snapshot | None = None
+        self._stats: dict[str, Any] = {}
+        self._schema: Schema | None = None
+        self._samples = self._version = 0
+        self._lock = threading.Lock()
+        if not self._conn.poll(start_timeout):
+            self.close()
+            raise TrainerDiedError(f"the trainer process did not start within {start_timeout:g} s")
+        self._receive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    @property
+    def serving_stats(self) -> ServingStats:
+        return self._serving
+
+    @property
+    def schema(self) -> Schema:
+        return self._schema
+
+    @property
+    def samples_trained(self) -> int:
+        return self._samples
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def warm_up(self) -> None:
+        pass  # the child warmed torch up before its first answer
+
+    def learn(self, items: Sequence[tuple[Event, int]], slice_seconds: float | None = None) -> list[Learned]:
+        return self._call("learn", list(items), slice_seconds)
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def stats(self) -> dict[str, Any]:
+        s = dict(self._stats)
+        s.update(avg_attention_entropy=self._serving.avg_entropy(self._n_models),
+                 last_source=self._serving.last_source, last_reason=self._serving.last_reason)
+        return s
+
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
+        self._call("save", str(path), dict(extra or {}), self._serving.state())
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        extra, serving = self._call("load", str(path))
+        self._serving.load(serving)
+        return extra
+
+    def close(self) -> None:
+        """Stop the child (it exits when the pipe closes) and wait for it briefly."""
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        self._proc.join(5.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5.0)
+
+    # ------------------------------------------------------------------ the pipe
+    def _call(self, op: str, *args: Any) -> Any:
+        with self._lock:
+            try:
+                self._conn.send((op, args))
+            except (OSError, EOFError, ValueError) as e:
+                raise TrainerDiedError(f"the trainer process is gone ({type(e).__name__}: {e})") from None
+            return self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            ok, result, state = self._conn.recv()
+        except (OSError, EOFError, ValueError) as e:
+            code = self._proc.exitcode
+            raise TrainerDiedError(f"the trainer process is gone (exit code {code}; {type(e).__name__})") from None
+        snapshot, self._stats, self._schema, self._samples, self._version = state
+        if snapshot is not None:
+            self._snapshot = snapshot
+        if not ok:
+            raise result
+        return result
+
+
+# ---------------------------------------------------------------------- the child
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (the fork server, which exits with the
+    service) dies. Elsewhere the closed pipe is the only signal."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _portable(e: BaseException) -> BaseException:
+    """The exception itself if it survives pickling (FusionError subclasses do), else a RuntimeError
+    that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _child_main(conn: Any, config: FusionConfig, n_models: int, nice: int) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the service stops us
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    import torch
+
+    from .fusion import TransformerFusion, warm_up
+    torch.set_num_threads(1)  # bit-reproducible training, one core
+    fusion = TransformerFusion(config, n_models=n_models)
+    warm_up()  # a no-op in cost when the fork server preloaded it
+    sent: Snapshot | None = None
+
+    def state() -> tuple:
+        nonlocal sent
+        snap = fusion.snapshot()
+        new = None if snap is sent else snap
+        sent = snap
+        return (new, fusion.get_training_stats(), fusion.schema, fusion.samples_trained, fusion.version)
+
+    conn.send((True, None, state()))
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            return  # the service closed the pipe or died
+        try:
+            if op == "learn":
+                items, slice_seconds = args
+                result: Any = [(None if err is None else _portable(err), n, v)
+                               for err, n, v in learn_items(fusion, items, slice_seconds)]
+            elif op == "save":
+                path, extra, serving = args
+                fusion.serving_stats.load(serving)
+                fusion.save(path, extra)
+                result = None
+            elif op == "load":
+                (path,) = args
+                extra = fusion.load(path)
+                result = (extra, fusion.serving_stats.state())
+            else:
+                raise ValueError(f"unknown trainer request {op!r}")
+            reply = (True, result, state())
+        except Exception as e:  # noqa: BLE001 - raised again in the service process
+            reply = (False, _portable(e), state())
+        try:
+            conn.send(reply)
+        except (OSError, EOFError):
+            return

@@ -1,0 +1,155 @@
+"""Training in a child process (server/trainer.py): the same model as in-process, bit for bit; a
+killed trainer is restarted and rebuilt from the checkpoint and the journal; the child ends with
+the service; trainer = "thread" keeps the model in the owner's thread."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service_helpers import FAST, Running, events, learn, predictions, start, wait_until
+from titan_fusion.server.errors import CheckpointError, TrainerDiedError
+from titan_fusion.server.fusion import TransformerFusion
+from titan_fusion.server.inference import Event
+from titan_fusion.server.trainer import LocalTrainer, TrainerProcess
+
+PROBES = events(99, 6)
+
+
+def _items(seed: int, n: int) -> list[tuple[Event, int]]:
+    return [(Event.parse(e, f), 1 if d == "UP" else 0) for e, f, d in events(seed, n)]
+
+
+def _probe(snapshot) -> np.ndarray:
+    preds = snapshot.predict([Event.parse(e, f) for e, f, _ in PROBES])
+    return np.array([[p.prob_up, *p.attention] for p in preds])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_trainer_process_trains_the_same_model_as_in_process(tmp_path: Path) -> None:
+    items = _items(1, 120)
+    local = LocalTrainer(TransformerFusion(FAST, n_models=4))
+    remote = TrainerProcess(FAST, 4)
+    try:
+        assert remote.pid != os.getpid() and _alive(remote.pid)
+        # in uneven chunks, one with a time slice: chunking never changes what is learned
+        for lo, hi in ((0, 7), (7, 64), (64, 120)):
+            a = local.learn(items[lo:hi])
+            b = remote.learn(items[lo:hi])
+            assert [(e, n, v) for e, n, v in a] == [(e, n, v) for e, n, v in b]
+        assert remote.samples_trained == local.samples_trained == 120
+        assert remote.version == local.version > 0
+        assert np.array_equal(_probe(remote.snapshot()), _probe(local.snapshot()))  # bit for bit
+        for key in ("train_loss", "val_loss", "train_steps", "last_grad_norm", "feature_names"):
+            assert remote.stats()[key] == local.stats()[key] or (
+                np.isnan(remote.stats()[key]) and np.isnan(local.stats()[key])), key
+        # a checkpoint written by the child loads in-process, and the other way round
+        remote.save(tmp_path / "from-child", {"note": 1})
+        again = TransformerFusion(FAST, n_models=4)
+        assert again.load(tmp_path / "from-child") == {"note": 1}
+        assert np.array_equal(_probe(again.snapshot()), _probe(local.snapshot()))
+        local.learn(items[:10])
+        local.save(tmp_path / "from-thread")
+        assert remote.load(tmp_path / "from-thread") == {}
+        assert np.array_equal(_probe(remote.snapshot()), _probe(local.snapshot()))
+        # errors cross the pipe with their type; the model is unchanged
+        with pytest.raises(CheckpointError):
+            remote.load(tmp_path / "missing")
+        assert np.array_equal(_probe(remote.snapshot()), _probe(local.snapshot()))
+        bad = remote.learn([(items[0][0], 7)])  # an invalid label: that outcome fails, nothing else
+        assert isinstance(bad[0][0], ValueError) and "actual_direction" in str(bad[0][0])
+    finally:
+        remote.close()
+    assert not _alive(remote.pid)
+
+
+def test_a_time_slice_learns_a_prefix_and_at_least_one(tmp_path: Path) -> None:
+    remote = TrainerProcess(FAST, 4)
+    try:
+        items = _items(2, 60)
+        first = remote.learn(items, 0.0)  # the slice is over after the first outcome
+        assert len(first) == 1 and first[0][1] == 1
+        rest = remote.learn(items[1:], None)
+        assert len(rest) == 59 and rest[-1][1] == 60
+    finally:
+        remote.close()
+
+
+def test_a_dead_trainer_raises_trainer_died(tmp_path: Path) -> None:
+    remote = TrainerProcess(FAST, 4)
+    os.kill(remote.pid, signal.SIGKILL)
+    with pytest.raises(TrainerDiedError):
+        remote.learn(_items(3, 1))
+    remote.close()
+
+
+def test_the_service_trains_in_a_child_that_ends_with_it(tmp_path: Path) -> None:
+    svc, port, registry = start(tmp_path / "data")
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        trainer = svc.owner.trainer
+        assert isinstance(trainer, TrainerProcess) and trainer.pid != os.getpid() and _alive(trainer.pid)
+        c = running.client()
+        acks = learn(c, events(4, 30), "e")
+        assert [a.samples_trained for a in acks] == list(range(1, 31))
+    finally:
+        running.close()
+    wait_until(lambda: not _alive(trainer.pid), 10, "the trainer process to exit with the service")
+
+
+def test_a_killed_trainer_is_restarted_and_the_model_is_the_same(tmp_path: Path) -> None:
+    """SIGKILL the trainer process mid-stream: the next outcome is still learned (by a new trainer
+    rebuilt from the newest checkpoint and the journal) and the model ends bit-identical to one
+    that learned the same outcomes without interruption."""
+    evs = events(5, 150)
+    svc, port, registry = start(tmp_path / "data", checkpoint_every=40)
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        c = running.client()
+        learn(c, evs[:90], "k")
+        first = svc.owner.trainer.pid
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: not _alive(first), 10, "the trainer to die")
+        acks = learn(c, evs[90:], "k", start_index=90)
+        assert [a.samples_trained for a in acks] == list(range(91, 151))
+        assert svc.owner.trainer_restarts == 1 and svc.owner.trainer.pid != first
+        served = predictions(c, PROBES)
+    finally:
+        running.close()
+    reference = TransformerFusion(FAST, n_models=4)
+    for e, f, d in evs:
+        reference.update(e, f, d)
+    expected = [p.prob_up for p in reference.snapshot().predict([Event.parse(e, f) for e, f, _ in PROBES])]
+    assert [p[0] for p in served] == expected
+
+
+def test_trainer_thread_keeps_the_model_in_the_owner_thread(tmp_path: Path) -> None:
+    evs = events(6, 60)
+    out = {}
+    for mode in ("thread", "process"):
+        svc, port, registry = start(tmp_path / mode, trainer=mode)
+        running = Running(svc, port, registry, tmp_path / mode)
+        try:
+            assert isinstance(svc.owner.trainer, LocalTrainer if mode == "thread" else TrainerProcess)
+            c = running.client()
+            learn(c, evs, "t")
+            out[mode] = (predictions(c, PROBES), c.stats()["samples_trained"])
+        finally:
+            running.close()
+    assert out["thread"] == out["process"]
+    assert out["thread"][1] == 60
