@@ -32,8 +32,10 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
+import types
 from typing import Any, Mapping, Sequence
 
 from .config import FusionConfig
@@ -46,6 +48,7 @@ log = logging.getLogger("titan_fusion.server.trainer")
 Learned = tuple[BaseException | None, int, int]
 START_TIMEOUT_SECONDS = 120.0  # a child imports torch and warms it up before it answers
 NICE = 10  # the trainer yields the CPU to the service's gRPC threads when both want it
+_HIDE_MAIN = threading.Lock()
 
 
 def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: float | None) -> list[Learned]:
@@ -122,7 +125,15 @@ class TrainerProcess:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, nice),
                                  name="titan-fusion-trainer", daemon=True)
-        self._proc.start()
+        with _HIDE_MAIN:
+            # multiprocessing re-imports the caller's __main__ in the fork server and the child
+            # (running a script's unguarded top level again); the trainer needs nothing from it.
+            main = sys.modules["__main__"]
+            sys.modules["__main__"] = types.ModuleType("__main__")
+            try:
+                self._proc.start()
+            finally:
+                sys.modules["__main__"] = main
         child.close()
         self._serving = ServingStats(config.attention_window)
         self._n_models = n_models

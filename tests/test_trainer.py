@@ -153,3 +153,22 @@ def test_trainer_thread_keeps_the_model_in_the_owner_thread(tmp_path: Path) -> N
             running.close()
     assert out["thread"] == out["process"]
     assert out["thread"][1] == 60
+
+
+def test_a_script_without_a_main_guard_can_start_a_trainer(tmp_path: Path) -> None:
+    """multiprocessing would re-run the caller's unguarded script in the child (and refuse to start
+    a process from there); the trainer never imports the caller's __main__."""
+    import subprocess
+    import sys
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from titan_fusion.server.config import FusionConfig\n"
+        "from titan_fusion.server.inference import Event\n"
+        "from titan_fusion.server.trainer import TrainerProcess\n"
+        "print('top level ran', flush=True)\n"
+        "t = TrainerProcess(FusionConfig(min_samples=1), 2)\n"
+        "print(t.learn([(Event.parse([{'prob_up': 0.6}, {'prob_up': 0.7}], {'x': 1.0}), 1)])[0][1:], flush=True)\n"
+        "t.close()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["top level ran", "(1, 1)"]
