@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 # An expert's token inputs: logit(prob_up), confidence (0 when missing), has_confidence (1 or 0).
 EXPERT_INPUTS = 3
 PROB_EPS = 1e-4  # probabilities are clipped to [eps, 1 - eps] before the logit: |logit| <= 9.2
+_HALF_SIGNS = torch.tensor([0.5, -0.5])
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,65 @@ def prob_logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+@dataclass(frozen=True)
+class DropoutMasks:
+    """The dropout masks of one training forward, already scaled: each element is 0 (dropped) or
+    1 / (1 - p) (kept). `attn` multiplies the block's attention weights, `resid` the attention
+    output, `mlp` the feed-forward output, `pooled` the pooled vector."""
+
+    attn: torch.Tensor  # (B, num_heads, n_experts, n_tokens)
+    resid: torch.Tensor  # (B, n_experts, hidden_dim)
+    mlp: torch.Tensor  # (B, n_experts, hidden_dim)
+    pooled: torch.Tensor  # (B, hidden_dim)
+
+    @staticmethod
+    def shapes(c: "NetConfig", batch: int) -> tuple[tuple[int, ...], ...]:
+        """(attn, resid, mlp, pooled) shapes. Only the expert tokens' rows: the feature token's
+        output of the block is never read (ctx = Block(tokens)[:n]), so it is not computed."""
+        T = c.n_experts + (1 if c.n_features else 0)
+        return ((batch, c.num_heads, c.n_experts, T), (batch, c.n_experts, c.hidden_dim),
+                (batch, c.n_experts, c.hidden_dim), (batch, c.hidden_dim))
+
+
+class MaskSource:
+    """Dropout masks from a seeded PCG64 generator (numpy): one 16-bit draw per element, dropped
+    when it is below round(p * 65536) (so the drop rate is p to within 1e-5). torch's CPU dropout
+    (bernoulli_) costs ~10 ns per element; this ~1. Its state is plain ints (`state()`), so the
+    learner checkpoints it and a resumed run draws the same masks."""
+
+    def __init__(self, seed: int, p: float):
+        self.p = p
+        self._bits = np.random.PCG64(seed)
+        self._threshold = np.uint16(min(round(p * 65536), 65535))
+        self._scale = np.float32(1.0 / (1.0 - p))
+
+    def masks(self, c: "NetConfig", batch: int) -> DropoutMasks | None:
+        if self.p <= 0.0:
+            return None
+        shapes = DropoutMasks.shapes(c, batch)
+        sizes = [math.prod(s) for s in shapes]
+        total = sum(sizes)
+        bits = self._bits.random_raw((total + 3) // 4).view(np.uint16)[:total]
+        flat = torch.from_numpy(np.multiply(bits >= self._threshold, self._scale, dtype=np.float32))
+        return DropoutMasks(*(part.view(s) for part, s in zip(flat.split(sizes), shapes)))
+
+    def state(self) -> dict:
+        return self._bits.state
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+            raise ValueError(f"not a PCG64 state: {state!r}")
+        self._bits.state = state
+
+
+def torch_masks(c: "NetConfig", batch: int) -> DropoutMasks | None:
+    """Masks from torch's global RNG: what a training-mode forward uses when given none."""
+    if c.dropout <= 0.0:
+        return None
+    keep = 1.0 - c.dropout
+    return DropoutMasks(*((torch.rand(s) < keep).to(torch.float32) / keep for s in DropoutMasks.shapes(c, batch)))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, c: NetConfig):
         super().__init__()
@@ -68,18 +129,24 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(c.hidden_dim, 3 * c.hidden_dim)
         self.proj = nn.Linear(c.hidden_dim, c.hidden_dim)
         self.dropout = c.dropout
-        self.resid_drop = nn.Dropout(c.dropout)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n: int | None = None, masks: DropoutMasks | None = None) -> torch.Tensor:
+        """x (B, T, C) -> the attention output of the first `n` tokens (all by default), (B, n, C)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        n = T if n is None else n
+        nh, hs = self.n_head, self.head_dim
+        qkv = self.qkv(x).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q = qkv[0, :, :, :n].reshape(B * nh, n, hs)
+        k = qkv[1].reshape(B * nh, T, hs)
+        v = qkv[2].reshape(B * nh, T, hs)
         # softmax(q k^T / sqrt(hs)) v, with dropout on the attention weights while training
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_drop(self.proj(y))
+        att = F.softmax(torch.bmm(q, k.transpose(1, 2)) * self.scale, dim=-1)  # (B nh, n, T)
+        if masks is not None:
+            att = att * masks.attn.view(B * nh, n, T)
+        y = torch.bmm(att, v).view(B, nh, n, hs).transpose(1, 2).reshape(B, n, C)
+        y = self.proj(y)
+        return y * masks.resid if masks is not None else y
 
 
 class MLP(nn.Module):
@@ -87,10 +154,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(c.hidden_dim, c.ffn_mult * c.hidden_dim)
         self.proj = nn.Linear(c.ffn_mult * c.hidden_dim, c.hidden_dim)
-        self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+    def forward(self, x: torch.Tensor, masks: DropoutMasks | None = None) -> torch.Tensor:
+        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return y * masks.mlp if masks is not None else y
 
 
 class Block(nn.Module):
@@ -101,9 +168,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(c.hidden_dim)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, n: int | None = None, masks: DropoutMasks | None = None) -> torch.Tensor:
+        """x (B, T, C) -> the block's output for the first `n` tokens (all by default)."""
+        n = x.shape[1] if n is None else n
+        x = x[:, :n] + self.attn(self.ln_1(x), n, masks)
+        return x + self.mlp(self.ln_2(x), masks)
 
 
 class AttentionPool(nn.Module):
@@ -151,7 +220,6 @@ class FusionNet(nn.Module):
             self.feature_type = nn.Parameter(torch.zeros(c.hidden_dim))
         self.block = Block(c)
         self.pool = AttentionPool(c)
-        self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden_dim, 2)
         if c.logit_pool:
             self.calib_scale = nn.Parameter(torch.ones(c.n_experts))  # per-expert calibration of its logit
@@ -160,9 +228,12 @@ class FusionNet(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, experts: torch.Tensor, feats: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, skill: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, skill: torch.Tensor | None = None,
+                masks: DropoutMasks | None = None):
         """experts (B, n, 3) token inputs (see EXPERT_INPUTS); feats (B, F) normalized; targets (B,)
-        0=UP 1=DOWN; skill (B, n) log skill weights (with skill_bias).
+        0=UP 1=DOWN; skill (B, n) log skill weights (with skill_bias). In training mode dropout
+        uses `masks` (the learner draws them from its checkpointed MaskSource), or masks from
+        torch's RNG when none are given; in eval mode there is no dropout and `masks` is ignored.
 
         Returns (logits (B, 2), attention (B, n) averaged over heads, loss or None).
         """
@@ -170,6 +241,10 @@ class FusionNet(nn.Module):
         c = self.config
         if n != c.n_experts:
             raise ValueError(f"expected {c.n_experts} experts, got {n}")
+        if not self.training:
+            masks = None
+        elif masks is None:
+            masks = torch_masks(c, B)
         own = self.expert_in(experts)  # (B, n, C)
         if c.expert_identity:
             own = own + self.expert_id.weight
@@ -180,15 +255,17 @@ class FusionNet(nn.Module):
                                  f"{None if feats is None else tuple(feats.shape)}")
             feat_token = (self.feature_in(feats) + self.feature_type).unsqueeze(1)  # (B, 1, C)
             tokens = torch.cat((own, feat_token), dim=1)  # (B, n + 1, C)
-        ctx = self.block(tokens)[:, :n]  # (B, n, C): the expert tokens, in context
+        ctx = self.block(tokens, n, masks)  # (B, n, C): the expert tokens, in context
         if c.skill_bias and (skill is None or skill.shape != (B, n)):
             raise ValueError(f"expected skill of shape ({B}, {n}), got {None if skill is None else tuple(skill.shape)}")
         pooled, w = self.pool(ctx, own, feats, skill if c.skill_bias else None)
-        logits = self.head(self.drop(pooled))  # (B, 2)
+        if masks is not None:
+            pooled = pooled * masks.pooled
+        logits = self.head(pooled)  # (B, 2)
         w = w.mean(dim=1)  # (B, n): attention per expert, averaged over heads
         if c.logit_pool:
             z = (w * (self.calib_scale * experts[..., 0] + self.calib_shift)).sum(dim=-1)  # (B,)
-            logits = logits + torch.stack((0.5 * z, -0.5 * z), dim=-1)
+            logits = logits + z[:, None] * _HALF_SIGNS  # (+z/2, -z/2)
         loss = F.cross_entropy(logits, targets) if targets is not None else None
         return logits, w, loss
 
@@ -199,3 +276,178 @@ class FusionNet(nn.Module):
             (decay if p.dim() >= 2 else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
                 {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+class TrainStep:
+    """One training forward and backward of a FusionNet in training mode, written out: the loss
+    (mean cross-entropy) of `net(experts, feats, targets, skill, masks)` and its gradients, written
+    into each parameter's .grad (overwritten, not accumulated). The same function and gradients as
+    `loss.backward()` through FusionNet.forward (tests/test_fusion.py checks them against autograd),
+    at a fraction of the cost on CPU: no autograd graph, no per-parameter gradient accumulation,
+    fused aten kernels for the LayerNorm, softmax and GELU backward passes, and gradients written
+    straight into their (flat) buffers with out=.
+
+    The network's parameters must not be re-created after this is built (in-place updates, e.g. an
+    optimizer's or load_state_dict's, are seen)."""
+
+    def __init__(self, net: "FusionNet"):
+        self.net = net
+        self.c = net.config
+        named = dict(net.named_parameters())
+        for n, p in named.items():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.p = {n: p.detach() for n, p in named.items()}
+        self.g = {n: p.grad for n, p in named.items()}
+
+    def __call__(self, experts: torch.Tensor, feats: torch.Tensor | None, targets: torch.Tensor,
+                 skill: torch.Tensor | None, masks: DropoutMasks | None) -> torch.Tensor:
+        c, P, G = self.c, self.p, self.g
+        B, n, _ = experts.shape
+        if n != c.n_experts:
+            raise ValueError(f"expected {c.n_experts} experts, got {n}")
+        C, nh = c.hidden_dim, c.num_heads
+        hs = C // nh
+        nf = c.n_features
+        T = n + (1 if nf else 0)
+        Bn = B * n
+        scale = 1.0 / math.sqrt(hs)
+        mm, addmm = torch.mm, torch.addmm
+        with torch.no_grad():
+            # ---------------------------------------------------------------- forward
+            x2 = experts.reshape(Bn, EXPERT_INPUTS)
+            own = addmm(P["expert_in.bias"], x2, P["expert_in.weight"].t())  # (Bn, C)
+            if c.expert_identity:
+                own = (own.view(B, n, C) + P["expert_id.weight"]).view(Bn, C)
+            if nf:
+                ft = addmm(P["feature_in.bias"] + P["feature_type"], feats, P["feature_in.weight"].t())  # (B, C)
+                tokens = torch.cat((own.view(B, n, C), ft.view(B, 1, C)), dim=1)  # (B, T, C)
+            else:
+                tokens = own.view(B, n, C)
+            h1, mu1, rs1 = torch.native_layer_norm(tokens, (C,), P["block.ln_1.weight"], P["block.ln_1.bias"], 1e-5)
+            qkv = addmm(P["block.attn.qkv.bias"], h1.view(B * T, C), P["block.attn.qkv.weight"].t())
+            qkv = qkv.view(B, T, 3, nh, hs)
+            q = qkv[:, :n, 0].transpose(1, 2).reshape(B * nh, n, hs)
+            k = qkv[:, :, 1].transpose(1, 2).reshape(B * nh, T, hs)
+            v = qkv[:, :, 2].transpose(1, 2).reshape(B * nh, T, hs)
+            att = torch.softmax(torch.bmm(q, k.transpose(1, 2)).mul_(scale), dim=-1)  # (B nh, n, T)
+            attd = att * masks.attn.view(B * nh, n, T) if masks is not None else att
+            y = torch.bmm(attd, v).view(B, nh, n, hs).transpose(1, 2).reshape(Bn, C)
+            ao = addmm(P["block.attn.proj.bias"], y, P["block.attn.proj.weight"].t()).view(B, n, C)
+            tok_n = tokens[:, :n]
+            x1 = torch.addcmul(tok_n, ao, masks.resid) if masks is not None else tok_n + ao  # (B, n, C)
+            h2, mu2, rs2 = torch.native_layer_norm(x1, (C,), P["block.ln_2.weight"], P["block.ln_2.bias"], 1e-5)
+            u = addmm(P["block.mlp.fc.bias"], h2.view(Bn, C), P["block.mlp.fc.weight"].t())  # (Bn, H)
+            g = F.gelu(u, approximate="tanh")
+            mo = addmm(P["block.mlp.proj.bias"], g, P["block.mlp.proj.weight"].t()).view(B, n, C)
+            ctx = torch.addcmul(x1, mo, masks.mlp) if masks is not None else x1 + mo  # (B, n, C)
+            # pooling: per head, scores over the expert tokens, kept as (B, n, nh)
+            if nf:
+                qp = addmm(P["pool.query"], feats, P["pool.query_from_features.weight"].t())  # (B, C)
+            else:
+                qp = P["pool.query"].expand(B, C)
+            qs = (qp * scale).view(B, 1, nh, hs)
+            hp, mup, rsp = torch.native_layer_norm(ctx, (C,), P["pool.ln.weight"], P["pool.ln.bias"], 1e-5)
+            K = addmm(P["pool.key.bias"], hp.view(Bn, C), P["pool.key.weight"].t()).view(B, n, nh, hs)
+            V = addmm(P["pool.value.bias"], own, P["pool.value.weight"].t()).view(B, n, nh, hs)
+            sp = (qs * K).sum(-1)  # (B, n, nh)
+            if c.skill_bias:
+                s3 = skill.view(B, n, 1)
+                sp = torch.addcmul(sp, s3, P["pool.skill_scale"])
+            w = torch.softmax(sp, dim=1)  # (B, n, nh)
+            pooled = (w.unsqueeze(-1) * V).sum(1).view(B, C)
+            pd = pooled * masks.pooled if masks is not None else pooled
+            logits = addmm(P["head.bias"], pd, P["head.weight"].t())  # (B, 2)
+            if c.logit_pool:
+                wm = w.mean(2)  # (B, n)
+                x0 = experts[:, :, 0]
+                zc = torch.addcmul(P["calib_shift"], x0, P["calib_scale"])  # (B, n)
+                z = (wm * zc).sum(-1, keepdim=True)  # (B, 1)
+                logits = torch.addcmul(logits, z, _HALF_SIGNS)
+            logp = torch.log_softmax(logits, dim=-1)
+            loss = -logp.gather(1, targets.view(B, 1)).mean()
+            # ---------------------------------------------------------------- backward
+            dl = logp.exp_()  # softmax - onehot, / B
+            dl.scatter_add_(1, targets.view(B, 1), torch.full((B, 1), -1.0)).mul_(1.0 / B)
+            mm(dl.t(), pd, out=G["head.weight"])
+            torch.sum(dl, 0, out=G["head.bias"])
+            dpooled = mm(dl, P["head.weight"])  # (B, C)
+            if masks is not None:
+                dpooled.mul_(masks.pooled)
+            dP = dpooled.view(B, 1, nh, hs)
+            dw = (dP * V).sum(-1)  # (B, n, nh)
+            if c.logit_pool:
+                dz = mm(dl, _HALF_SIGNS.view(2, 1))  # (B, 1)
+                dzc = dz * wm  # (B, n)
+                torch.sum(dzc * x0, 0, out=G["calib_scale"])
+                torch.sum(dzc, 0, out=G["calib_shift"])
+                dw.add_((dz * zc).mul_(1.0 / nh).unsqueeze(-1))
+            dV = (w.unsqueeze(-1) * dP).view(Bn, C)
+            dsp = torch._softmax_backward_data(dw, w, 1, torch.float32)  # (B, n, nh)
+            if c.skill_bias:
+                G["pool.skill_scale"].copy_((dsp * s3).sum().view(1))
+            dsp4 = dsp.unsqueeze(-1)
+            dqp = (dsp4 * K).sum(1).view(B, C).mul_(scale)
+            dK = (dsp4 * qs).view(Bn, C)
+            torch.sum(dqp, 0, out=G["pool.query"])
+            if nf:
+                mm(dqp.t(), feats, out=G["pool.query_from_features.weight"])
+            mm(dK.t(), hp.view(Bn, C), out=G["pool.key.weight"])
+            torch.sum(dK, 0, out=G["pool.key.bias"])
+            dhp = mm(dK, P["pool.key.weight"])
+            mm(dV.t(), own, out=G["pool.value.weight"])
+            torch.sum(dV, 0, out=G["pool.value.bias"])
+            down = mm(dV, P["pool.value.weight"])  # (Bn, C)
+            dctx, dlw, dlb = torch.ops.aten.native_layer_norm_backward(dhp.view(B, n, C), ctx, (C,), mup, rsp, P["pool.ln.weight"],
+                                                              P["pool.ln.bias"], (True, True, True))
+            G["pool.ln.weight"].copy_(dlw)
+            G["pool.ln.bias"].copy_(dlb)
+            dmo = (dctx * masks.mlp if masks is not None else dctx).view(Bn, C)
+            mm(dmo.t(), g, out=G["block.mlp.proj.weight"])
+            torch.sum(dmo, 0, out=G["block.mlp.proj.bias"])
+            du = torch.ops.aten.gelu_backward(mm(dmo, P["block.mlp.proj.weight"]), u, approximate="tanh")
+            mm(du.t(), h2.view(Bn, C), out=G["block.mlp.fc.weight"])
+            torch.sum(du, 0, out=G["block.mlp.fc.bias"])
+            dh2 = mm(du, P["block.mlp.fc.weight"]).view(B, n, C)
+            dx1, dlw, dlb = torch.ops.aten.native_layer_norm_backward(dh2, x1, (C,), mu2, rs2, P["block.ln_2.weight"],
+                                                             P["block.ln_2.bias"], (True, True, True))
+            G["block.ln_2.weight"].copy_(dlw)
+            G["block.ln_2.bias"].copy_(dlb)
+            dx1.add_(dctx)  # (B, n, C): the residual
+            dao = (dx1 * masks.resid if masks is not None else dx1).view(Bn, C)
+            mm(dao.t(), y, out=G["block.attn.proj.weight"])
+            torch.sum(dao, 0, out=G["block.attn.proj.bias"])
+            dy = mm(dao, P["block.attn.proj.weight"]).view(B, n, nh, hs).transpose(1, 2).reshape(B * nh, n, hs)
+            dattd = torch.bmm(dy, v.transpose(1, 2))  # (B nh, n, T)
+            dv = torch.bmm(attd.transpose(1, 2), dy)  # (B nh, T, hs)
+            if masks is not None:
+                dattd.mul_(masks.attn.view(B * nh, n, T))
+            ds = torch._softmax_backward_data(dattd, att, -1, torch.float32).mul_(scale)
+            dq = torch.bmm(ds, k)  # (B nh, n, hs)
+            dk = torch.bmm(ds.transpose(1, 2), q)  # (B nh, T, hs)
+            dqkv = torch.empty(B, T, 3, nh, hs)
+            dqkv[:, :n, 0].copy_(dq.view(B, nh, n, hs).transpose(1, 2))
+            if T > n:
+                dqkv[:, n:, 0].zero_()  # the feature token's query reaches nothing
+            dqkv[:, :, 1].copy_(dk.view(B, nh, T, hs).transpose(1, 2))
+            dqkv[:, :, 2].copy_(dv.view(B, nh, T, hs).transpose(1, 2))
+            dqkv = dqkv.view(B * T, 3 * C)
+            mm(dqkv.t(), h1.view(B * T, C), out=G["block.attn.qkv.weight"])
+            torch.sum(dqkv, 0, out=G["block.attn.qkv.bias"])
+            dh1 = mm(dqkv, P["block.attn.qkv.weight"]).view(B, T, C)
+            dtok, dlw, dlb = torch.ops.aten.native_layer_norm_backward(dh1, tokens, (C,), mu1, rs1, P["block.ln_1.weight"],
+                                                              P["block.ln_1.bias"], (True, True, True))
+            G["block.ln_1.weight"].copy_(dlw)
+            G["block.ln_1.bias"].copy_(dlb)
+            down = down.view(B, n, C).add_(dtok[:, :n]).add_(dx1)  # (B, n, C): d own
+            if c.expert_identity:
+                torch.sum(down, 0, out=G["expert_id.weight"])
+            down = down.view(Bn, C)
+            mm(down.t(), x2, out=G["expert_in.weight"])
+            torch.sum(down, 0, out=G["expert_in.bias"])
+            if nf:
+                dft = dtok[:, n]  # (B, C)
+                mm(dft.t(), feats, out=G["feature_in.weight"])
+                torch.sum(dft, 0, out=G["feature_in.bias"])
+                G["feature_type"].copy_(G["feature_in.bias"])
+        return loss

@@ -168,8 +168,9 @@ def test_the_learning_test_one_informative_expert_three_noise(stream):
 def test_guard_dropout_on_in_training_off_in_prediction(stream):
     f = make(dropout=0.2)
     feed(f, stream(10, 30))
-    drops = [m for m in f._net.modules() if isinstance(m, torch.nn.Dropout)]
-    assert drops and all(m.p == 0.2 for m in drops) and f._net.block.attn.dropout == 0.2
+    # four sites (attention weights, attention output, feed-forward output, pooled vector), masks
+    # from the learner's checkpointed MaskSource
+    assert f._net.config.dropout == 0.2 and f._masks.p == 0.2 and f._net.block.attn.dropout == 0.2
     b = f._train.gather()
     x, feats, skill = b["x"], torch.zeros(len(b["label"]), 2), b["skill"]
     assert f._net.training  # the learner's module trains; predictions read the snapshot
@@ -189,10 +190,17 @@ def test_guard_weight_decay_on_matrices_only():
     f.update([{"prob_up": 0.5}] * 4, {"x": 1.0}, "UP")
     decay, no_decay = f._opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    names = {id(p): n for n, p in f._net.named_parameters()}
-    assert {names[id(p)] for p in no_decay["params"]} >= {"pool.query", "head.bias", "block.ln_1.weight"}
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(f._net.parameters()))
+    # each group is one slice of the flat parameter buffer: the matrices and embeddings, the rest
+    (d,), (nd,) = decay["params"], no_decay["params"]
+    named = dict(f._net.named_parameters())
+    assert d.numel() + nd.numel() == sum(p.numel() for p in named.values())
+
+    def inside(p, t):
+        return t.data_ptr() <= p.data_ptr() < t.data_ptr() + t.numel() * t.element_size()
+    in_decay = {n for n, p in named.items() if inside(p, d)}
+    assert in_decay == {n for n, p in named.items() if p.dim() >= 2}
+    assert all(inside(p, nd) for n, p in named.items() if n not in in_decay)
+    assert not in_decay & {"pool.query", "head.bias", "block.ln_1.weight"}
 
 
 def test_guard_weight_decay_shrinks_weights(stream):
@@ -593,3 +601,151 @@ def test_classic_tokens_resume_exactly_and_report_weights_per_expert(tmp_path, s
     assert feed(a, events[100:]) == feed(b, events[100:])
     assert_same(fingerprint(a), fingerprint(b))
     assert a._classic.state() == b._classic.state()
+
+
+# ---------------------------------------------------------------- the fast training step
+NET_CONFIGS = [dict(skill_bias=True, logit_pool=True, expert_identity=False),
+               dict(skill_bias=False, logit_pool=False, expert_identity=True)]
+
+
+@pytest.mark.parametrize("cfg", NET_CONFIGS)
+@pytest.mark.parametrize("n_features", [3, 0])
+@pytest.mark.parametrize("dropout", [0.2, 0.0])
+def test_train_step_equals_autograd_through_the_module(cfg, n_features, dropout):
+    """TrainStep's loss and gradients are those of FusionNet.forward in training mode (with the
+    same dropout masks) and loss.backward(), for every parameter."""
+    import copy
+    from titan_fusion.server.model import MaskSource, TrainStep
+    torch.manual_seed(3)
+    c = NetConfig(7, n_features, dropout=dropout, **cfg)
+    ref = FusionNet(c)
+    with torch.no_grad():
+        for p in ref.parameters():  # away from the initialization (zero head, unit calibration)
+            p.add_(0.3 * torch.randn_like(p))
+    fast = copy.deepcopy(ref)
+    B = 32
+    x, y, skill = torch.randn(B, 7, 3), torch.randint(0, 2, (B,)), torch.randn(B, 7)
+    feats = torch.randn(B, n_features) if n_features else None
+    masks = MaskSource(5, dropout).masks(c, B)
+    assert (masks is None) == (dropout == 0.0)
+    ref.train()
+    _, _, loss = ref(x, feats, y, skill, masks=masks)
+    loss.backward()
+    step = TrainStep(fast)
+    for p in fast.parameters():
+        p.grad.fill_(float("nan"))  # every gradient is overwritten
+    loss_fast = step(x, feats, y, skill, masks)
+    assert float(loss_fast) == pytest.approx(float(loss.detach()), rel=1e-6)
+    scale = max(float(p.grad.abs().max()) for p in ref.parameters())
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.isfinite(b.grad).all(), name
+        # relative to the gradient's own size, or to the largest one for gradients that are 0 in
+        # exact arithmetic (the pooling key's bias: softmax ignores a shift common to all scores)
+        tol = max(1e-5 * float(a.grad.abs().max()), 1e-6 * scale)
+        assert float((a.grad - b.grad).abs().max()) <= tol, name
+
+
+def test_training_forward_with_all_kept_masks_is_the_eval_forward():
+    """Masks only drop: with every element kept (scale 1) training mode computes eval mode's function."""
+    from titan_fusion.server.model import DropoutMasks
+    torch.manual_seed(4)
+    c = NetConfig(5, 2, dropout=0.2, skill_bias=True, logit_pool=True)
+    net = FusionNet(c)
+    B = 6
+    x, feats, skill = torch.randn(B, 5, 3), torch.randn(B, 2), torch.randn(B, 5)
+    ones = DropoutMasks(*(torch.ones(s) for s in DropoutMasks.shapes(c, B)))
+    net.train()
+    train_out = net(x, feats, skill=skill, masks=ones)[0]
+    net.eval()
+    assert torch.allclose(train_out, net(x, feats, skill=skill)[0], atol=1e-6)
+
+
+def test_mask_source_rate_scale_determinism_and_state():
+    from titan_fusion.server.model import MaskSource
+    c = NetConfig(7, 3, dropout=0.2)
+    a, b = MaskSource(9, 0.2), MaskSource(9, 0.2)
+    ma = [a.masks(c, 32) for _ in range(20)]
+    mb = [b.masks(c, 32) for _ in range(20)]
+    for x, y in zip(ma, mb):  # same seed, same masks
+        assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in ("attn", "resid", "mlp", "pooled"))
+    values = torch.cat([getattr(m, k).reshape(-1) for m in ma for k in ("attn", "resid", "mlp", "pooled")])
+    assert values.unique().tolist() == [0.0, pytest.approx(1.25)]
+    assert abs(float((values == 0).float().mean()) - 0.2) < 0.005  # ~430,000 draws
+    assert not torch.equal(ma[0].resid, ma[1].resid)
+    state = a.state()
+    after = a.masks(c, 32)
+    fresh = MaskSource(0, 0.2)
+    fresh.set_state(json.loads(json.dumps(state)))  # plain ints: it goes into fusion_state.json
+    assert torch.equal(fresh.masks(c, 32).mlp, after.mlp)
+    assert MaskSource(9, 0.0).masks(c, 32) is None
+    with pytest.raises(ValueError):
+        fresh.set_state({"bit_generator": "MT19937"})
+
+
+def test_flat_adamw_and_clipping_equal_torch_per_parameter():
+    """The flat buffers with two AdamW groups (FlatParams.adamw_step) = torch.optim.AdamW over
+    the per-parameter groups, decay on matrices only; the flat clipping = clip_grad_norm_."""
+    import copy
+    from titan_fusion.server.fusion import FlatParams
+    torch.manual_seed(6)
+    ref = FusionNet(NetConfig(7, 3, skill_bias=True, logit_pool=True))
+    net = copy.deepcopy(ref)
+    flat = FlatParams(net, 0.05)
+    opt_ref = torch.optim.AdamW(ref.param_groups(0.05), lr=0.01, fused=True)
+    opt = flat.optimizer(0.0)
+    for step in range(6):
+        lr = 0.01 * (step + 1)
+        for g in opt_ref.param_groups:
+            g["lr"] = lr
+        for p, q in zip(ref.parameters(), net.parameters()):
+            g = torch.randn_like(p) * (0.01 if step % 2 else 1.0)  # clipped on odd steps only
+            p.grad = g.clone()
+            q.grad.copy_(g)
+        norm_ref = float(torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0))
+        assert flat.clip_grad_norm(1.0) == pytest.approx(norm_ref, rel=1e-5)
+        opt_ref.step()
+        FlatParams.adamw_step(opt, lr)
+        for (name, a), b in zip(ref.named_parameters(), net.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), (step, name)
+    # and bit for bit what torch.optim.AdamW does with the same two flat tensors
+    twin = copy.deepcopy(ref)
+    twin_flat = FlatParams(twin, 0.05)
+    twin_flat.data.copy_(flat.data)
+    twin_opt = twin_flat.optimizer(0.0)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict would share the tensors)
+    for lr in (0.003, 0.001):
+        g = torch.randn_like(flat.grad)
+        flat.grad.copy_(g)
+        twin_flat.grad.copy_(g)
+        FlatParams.adamw_step(opt, lr)
+        for group in twin_opt.param_groups:
+            group["lr"] = lr
+        twin_opt.step()
+        assert torch.equal(flat.data, twin_flat.data)
+
+
+def test_a_checkpoint_of_the_per_parameter_layout_is_incompatible(tmp_path, stream):
+    """Checkpoints written before the flat buffers (31-tensor optimizer state, torch dropout RNG,
+    no dropout_rng) are refused with IncompatibleCheckpointError, never a crash."""
+    from titan_fusion.server import checkpoint
+    f = make()
+    feed(f, stream(40, 30), predict=False)
+    f.save(tmp_path / "new")
+    tensors, state = checkpoint.read_checkpoint(tmp_path / "new")
+    old_opt = torch.optim.AdamW(f._net.param_groups(0.01), lr=0.001, fused=True)
+    for p in f._net.parameters():
+        old_opt.state[p]["step"] = torch.tensor(3.0)
+        old_opt.state[p]["exp_avg"] = torch.zeros_like(p)
+        old_opt.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+    old_tensors = dict(tensors, optimizer=old_opt.state_dict(), torch_rng=torch.get_rng_state())
+    old_state = {k: v for k, v in state.items() if k not in ("dropout_rng", "checksums", "format_version")}
+    checkpoint.write_checkpoint(tmp_path / "old", old_tensors, old_state)
+    with pytest.raises(IncompatibleCheckpointError):
+        make().load(tmp_path / "old")
+    # without the dropout RNG state alone, too
+    checkpoint.write_checkpoint(tmp_path / "no_rng", tensors, old_state)
+    g = make()
+    with pytest.raises(IncompatibleCheckpointError):
+        g.load(tmp_path / "no_rng")
+    assert g._net is None  # untouched
+    make().load(tmp_path / "new")
