@@ -137,9 +137,8 @@ def bench_in_process(quick: bool) -> dict:
     fusion.forward(experts, feats)
     res = {"forward": percentiles(_sequential(lambda: fusion.forward(experts, feats), n)),
            "forward_average_floor": percentiles(_sequential(lambda: average.forward(experts, feats), n))}
-    # a training step of batch 32, as update() runs it (dropout RNG swapped in, as in learn())
+    # a training step of batch 32, as update() runs it
     steps = 300 if quick else 1500
-    torch.set_rng_state(fusion._torch_rng)
     res["train_step_batch32"] = percentiles(_sequential(fusion._step, steps))
     # update() with its training step (early stopping off, so that every update trains), against
     # update() before min_samples (validation and buffering, no step): the floor

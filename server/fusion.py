@@ -299,9 +299,6 @@ class TransformerFusion:
         self._ema: dict[str, torch.Tensor] | None = None  # moving average of the weights (ema_decay > 0): views into _ema_flat
         self._ema_flat: torch.Tensor | None = None
         self._masks: MaskSource | None = None  # dropout's RNG (checkpointed)
-        # Not used by training (dropout draws from _masks): a torch RNG state that server/bench.py
-        # still sets before timing _step.
-        self._torch_rng: torch.Tensor | None = None
         self._snap: Snapshot | None = None  # inference snapshot of the current state; None = stale
         self._sampler = torch.Generator()
         self._sampler.manual_seed(c.seed)
@@ -532,8 +529,6 @@ class TransformerFusion:
             self._net = FusionNet(NetConfig(self._tokens, n_features, c.hidden_dim, c.num_heads, c.dropout,
                                             skill_bias=c.skill_bias, logit_pool=c.logit_pool,
                                             expert_identity=c.expert_identity))
-            torch.manual_seed(c.seed + 1)
-            self._torch_rng = torch.get_rng_state()
         # Always in training mode: predictions and validation read the Snapshot, never the module.
         self._net.train()
         self._flat = FlatParams(self._net, c.l2_lambda)
