@@ -10,6 +10,7 @@ instead of torch's (tens of microseconds for one event, against hundreds).
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import deque
@@ -40,6 +41,10 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     inv_c = 1.0 / x.shape[-1]  # sum * (1/C) rather than mean(): numpy's mean() costs more per call
     d = x - x.sum(axis=-1, keepdims=True) * inv_c
     return d / np.sqrt((d * d).sum(axis=-1, keepdims=True) * inv_c + LN_EPS)
+
+
+# Row-wise dot products: np.vecdot (numpy >= 2.0) is one ufunc call; einsum otherwise.
+_rowdot = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("ij,ij->i", a, b))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -155,6 +160,219 @@ class NumpyNet:
         return prob_up, a[:, :, 0, :].mean(axis=1)
 
 
+def _aug_cols(a: np.ndarray) -> np.ndarray:
+    """(r, C) -> (r, C + 1): a zero last column."""
+    return np.concatenate((a, np.zeros((a.shape[0], 1))), axis=1)
+
+
+def _aug_rows(a: np.ndarray) -> np.ndarray:
+    """(C, k) -> (C + 1, k): a zero last row."""
+    return np.concatenate((a, np.zeros((1, a.shape[1]))), axis=0)
+
+
+class OneEventNet:
+    """NumpyNet.forward for one event (B = 1): what does not depend on the event is folded once
+    per snapshot, so that a forward is about 35 numpy calls on small 2-D arrays (each call costs
+    about 1 us here, whatever its size: the count is what matters).
+
+    The algebra is exact; only rounding differs from NumpyNet.forward (1e-15):
+
+    - Everything before the first LayerNorm is linear in u = [token inputs (3 per token), the
+      normalized features, 1], and so are the pooling's values seen through the head (only
+      value_h . head_h counts, per head), logit_pool's calibrated logits and the pooling keys'
+      weights times the feature-conditioned query. One product `u @ M` gives them all.
+    - Token vectors carry one more, constant, component: 1 in the residual stream, sqrt(eps) once
+      centered (`P`, which also scales by 1/sqrt(C)), so that |d|^2 = var + eps is one row-wise dot,
+      and constant biases ride along with the weights.
+    - Self-attention: the keys' bias cancels in the softmax (it adds q_i . b_k to every key of row
+      i), the values go through the output projection per head first (V_h W_proj,h), and their bias
+      passes through the softmax unchanged (rows sum to 1) into the residual. The queries come out
+      masked per head, so all heads' scores are one product. The pooling's key bias cancels too.
+    - Only the expert tokens are carried past the self-attention: the feature token is a key and a
+      value there, but nothing reads its own output.
+    - The pooling's tail (the softmax normalizers, the head's logit, attention per expert with the
+      classic tokens' shares) is one product of the exponentiated scores with a matrix whose
+      constant columns come from M's bias row.
+    - Softmax without subtracting the maximum when it cannot overflow or underflow: every score is
+      bounded by norms of the weights (a LayerNorm output has norm <= sqrt(C); the features are
+      clipped to [-5, 5]); when a bound exceeds MAX_SCORE, the maxima are subtracted as usual.
+
+    `skill` (the snapshot's skill log weights, with skill_bias) and `shares` (the classic
+    aggregators' weights over the experts, one row per classic token) are constants of a snapshot.
+    """
+
+    MAX_SCORE = 300.0  # exp(+-300) is far from float64's overflow and from its subnormals
+
+    __slots__ = ("n", "ne", "nh", "C", "C1", "T", "M", "blocks", "W1", "bq", "ones_t", "W2", "fc_bias",
+                 "W3", "wkq", "skill", "head_bias", "shift", "scale", "inv_nh", "bounded")
+
+    def __init__(self, net: NumpyNet, skill: np.ndarray | None = None,
+                 shares: Sequence[Sequence[float]] | None = None):
+        w = net.w
+        n, nf, nh = net.n_experts, net.n_features, net.n_head
+        C = w["qkv"].shape[0]
+        hs, C1, sq = C // nh, C + 1, math.sqrt(C)
+        T = n + (1 if nf else 0)
+        ne = n - (len(shares) if shares is not None else 0)  # the experts; then the classic tokens
+        P = np.zeros((C1, C1))  # centering and 1/sqrt(C); the constant component 1 -> sqrt(eps)
+        P[:C, :C] = (np.eye(C) - 1.0 / C) / sq
+        P[C, C] = math.sqrt(LN_EPS)
+        proj = w["attn_proj"]
+        qkv = w["qkv"]
+        # M's output: D (T, C1) the centered tokens; X (n, C1) the expert tokens (plus the constant
+        # 1) plus the attention's constant output; RG (n, ne + 1 + nh) per token its shares over the
+        # experts, 1, and per head value_h . head_h (+ its calibrated logit / nh with logit_pool);
+        # with features, WKQ (C1, nh) the pooling keys' weights times the query.
+        K = ne + 1 + nh
+        sizes = {"D": T * C1, "X": n * C1, "RG": n * K, "WKQ": C1 * nh if nf else 0}
+        at, blocks = 0, {}
+        for name, size in sizes.items():
+            blocks[name] = slice(at, at + size)
+            at += size
+        rows = 3 * n + nf + 1
+        M = np.zeros((rows, at))
+        D = M[:, blocks["D"]].reshape(rows, T, C1)  # views into M
+        X = M[:, blocks["X"]].reshape(rows, n, C1)
+        RG = M[:, blocks["RG"]].reshape(rows, n, K)
+        own_bias = np.broadcast_to(w["own_bias"], (n, C))
+        own_bias1 = np.concatenate((own_bias, np.ones((n, 1))), axis=1)  # (n, C1)
+        w_in = _aug_cols(w["expert_in"])  # (3, C1)
+        head_split = np.zeros((C, nh))  # the head, per head
+        for h in range(nh):
+            head_split[h * hs:(h + 1) * hs, h] = w["head"][h * hs:(h + 1) * hs]
+        vh = w["value"] @ head_split  # (C, nh)
+        g_x = np.broadcast_to(w["expert_in"] @ vh, (n, 3, nh)).copy()
+        g_b = own_bias @ vh + w["value_bias"] @ head_split  # (n, nh)
+        if net.logit_pool:
+            g_x[:, 0, :] += (w["calib_scale"] / nh)[:, None]
+            g_b = g_b + (w["calib_shift"] / nh)[:, None]
+        win_p = w_in @ P
+        for j in range(n):  # token j's inputs are rows 3j .. 3j + 2 of M
+            D[3 * j:3 * j + 3, j] = win_p
+            X[3 * j:3 * j + 3, j] = w_in
+            RG[3 * j:3 * j + 3, j, ne + 1:] = g_x[j]
+        D[-1, :n] = own_bias1 @ P
+        X[-1] = own_bias1
+        X[-1, :, :C] += w["qkv_bias"][2 * C:] @ proj + w["attn_proj_bias"]
+        RG[-1, :, ne + 1:] = g_b
+        RG[-1, :, ne] = 1.0
+        RG[-1, :ne, :ne] = np.eye(ne)
+        if shares is not None:
+            RG[-1, ne:, :ne] = np.asarray(shares, dtype=np.float64)
+        # the pooling keys' weights (LayerNorm folded, 1/sqrt(hs) in) times the query, per head
+        key = (sq * w["key"]).reshape(C, nh, hs)
+        wkq0 = _aug_rows(np.einsum("chs,hs->ch", key, w["query"].reshape(nh, hs)))
+        if nf:
+            fr = slice(3 * n, 3 * n + nf)
+            D[fr, n] = _aug_cols(w["feature_in"]) @ P
+            D[-1, n] = np.append(w["feature_bias"], 1.0) @ P
+            wkq = M[:, blocks["WKQ"]].reshape(rows, C1, nh)
+            wkq[fr, :C] = np.einsum("chs,khs->kch", key, w["query_from_features"].reshape(nf, nh, hs))
+            wkq[-1] = wkq0
+            pool_bound = max(np.linalg.norm(wkq0[:, h]) + 5.0 * np.linalg.norm(wkq[fr, :, h], axis=1).sum()
+                             for h in range(nh))
+            self.wkq = None
+        else:
+            pool_bound = max(np.linalg.norm(wkq0[:, h]) for h in range(nh))
+            self.wkq = wkq0.T.copy()  # (nh, C1)
+        # self-attention: [queries masked per head (nh blocks of C) | keys | per head v_h @ proj_h]
+        q_w = np.zeros((C, nh, C))
+        q_b = np.zeros((nh, C))
+        for h in range(nh):
+            q_w[:, h, h * hs:(h + 1) * hs] = qkv[:, h * hs:(h + 1) * hs]
+            q_b[h, h * hs:(h + 1) * hs] = w["qkv_bias"][h * hs:(h + 1) * hs]
+        vw = [qkv[:, 2 * C + h * hs: 2 * C + (h + 1) * hs] @ _aug_cols(proj[h * hs:(h + 1) * hs]) for h in range(nh)]
+        self.W1 = _aug_rows(sq * np.concatenate([q_w.reshape(C, nh * C), qkv[:, C:2 * C]] + vw, axis=1))
+        self.bq = q_b.reshape(nh * C)
+        att_bound = max((np.linalg.norm(self.W1[:, h * C:(h + 1) * C]) + np.linalg.norm(q_b[h]))
+                        * np.linalg.norm(self.W1[:, nh * C + h * hs: nh * C + (h + 1) * hs]) for h in range(nh))
+        self.ones_t = np.ones(T)
+        # LayerNorm 2 and the MLP: x2 @ [P | P fc | P3], where P3 also adds the MLP's output bias
+        # (x2's constant component is 1)
+        P3 = P.copy()
+        P3[C] += np.append(w["mlp_proj_bias"], 0.0) @ P
+        self.W2 = np.concatenate((P, P @ _aug_rows(sq * w["fc"]), P3), axis=1)
+        self.fc_bias = w["fc_bias"]
+        self.W3 = _aug_cols(w["mlp_proj"]) @ P
+        if net.skill_bias:
+            s = float(w["skill_scale"][0]) * np.asarray(skill, dtype=np.float64)
+            self.skill = s - s.max()  # a constant shift: the softmax is the same
+        else:
+            self.skill = None
+        self.bounded = bool(att_bound <= self.MAX_SCORE and pool_bound <= self.MAX_SCORE)
+        self.head_bias = float(w["head_bias"])
+        self.M, self.blocks = M, (blocks["D"], blocks["X"], blocks["RG"], blocks["WKQ"])
+        self.n, self.ne, self.nh, self.C, self.C1, self.T = n, ne, nh, C, C1, T
+        self.shift, self.scale = net.norm_shift.tolist(), net.norm_scale.tolist()
+        self.inv_nh = 1.0 / nh
+        for a in (M, self.W1, self.bq, self.ones_t, self.W2, self.W3, self.wkq, self.skill):
+            if a is not None:
+                a.setflags(write=False)
+
+    def features(self, raw: Iterable[float]) -> list[float]:
+        """NumpyNet.normalize for one event, in Python floats: NaN -> 0, clipped to [-5, 5]."""
+        out = []
+        for x, s, k in zip(raw, self.shift, self.scale):
+            z = (x - s) * k
+            out.append(0.0 if z != z else (5.0 if z > 5.0 else (-5.0 if z < -5.0 else z)))
+        return out
+
+    def forward(self, u: list[float]) -> tuple[float, list[float]]:
+        """u = [token inputs (3 per token: the experts in schema order, then the classic tokens),
+        normalized features, 1.0] -> (prob_up, attention per expert, with the classic tokens'
+        attention given to the experts behind them)."""
+        n, T, C, C1, nh = self.n, self.T, self.C, self.C1, self.nh
+        b_d, b_x, b_rg, b_wkq = self.blocks
+        o = np.dot(u, self.M)
+        d = o[b_d].reshape(T, C1)
+        d = d / np.sqrt(_rowdot(d, d))[:, None]  # LayerNorm 1 (its gain and bias are in W1)
+        qkv = np.dot(d, self.W1)
+        q = qkv[:n, :nh * C] + self.bq  # (n, nh * C): per head, the other heads' part is 0
+        s = np.dot(q.reshape(n * nh, C), qkv[:, nh * C:(nh + 1) * C].T)  # (n * nh, T)
+        if not self.bounded:
+            s -= np.maximum.reduce(s, axis=1, keepdims=True)
+        np.exp(s, out=s)
+        s /= np.dot(s, self.ones_t)[:, None]
+        # attention output, through the projection: sum over heads and keys
+        x2 = np.dot(s.reshape(n, nh * T), qkv[:, (nh + 1) * C:].reshape(T, nh, C1).transpose(1, 0, 2).reshape(nh * T, C1))
+        x2 += o[b_x].reshape(n, C1)
+        d = np.dot(x2, self.W2)  # [x2 centered | its fc input | x2 + mlp bias, centered]
+        d2 = d[:, :C1]
+        h = d[:, C1:-C1] / np.sqrt(_rowdot(d2, d2))[:, None]  # LayerNorm 2
+        h += self.fc_bias
+        g = h * h  # 2 GELU(h) = h (1 + tanh(c (h + 0.044715 h^3))); the 1/2 is in W3
+        g *= GELU_K
+        g += GELU_C
+        g *= h
+        np.tanh(g, out=g)
+        g += 1.0
+        g *= h
+        d3 = np.dot(g, self.W3)
+        d3 += d[:, -C1:]  # the pooling LayerNorm's input, centered
+        wkq = self.wkq if self.wkq is not None else o[b_wkq].reshape(C1, nh).T
+        sc = np.dot(wkq, d3.T)  # (nh, n)
+        sc /= np.sqrt(_rowdot(d3, d3))
+        if self.skill is not None:
+            sc += self.skill
+        if not self.bounded:
+            sc -= np.maximum.reduce(sc, axis=1, keepdims=True)
+        np.exp(sc, out=sc)
+        rows = np.dot(sc, o[b_rg].reshape(n, -1)).tolist()  # per head: [shares (ne), sum, head logit]
+        ne, inv_nh = self.ne, self.inv_nh
+        z = self.head_bias
+        att = [0.0] * ne
+        for hh, r in enumerate(rows):
+            inv = 1.0 / r[ne]
+            z += r[ne + 1 + hh] * inv
+            inv *= inv_nh
+            for k in range(ne):
+                att[k] += r[k] * inv
+        if z >= 0.0:
+            return 1.0 / (1.0 + math.exp(-z)), att
+        e = math.exp(z)
+        return e / (1.0 + e), att
+
+
 @dataclass(frozen=True)
 class Event:
     """One validated event: experts in request order, features by name."""
@@ -202,9 +420,18 @@ class Schema:
     feature_names: tuple[str, ...] | None  # None: not fixed yet
     missing_features: str = "reject"
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return self.expert_names or tuple(f"model_{i}" for i in range(self.n_models))
+
+    @functools.cached_property
+    def identity(self) -> tuple[int, ...]:
+        """The order of an event whose experts come in schema order (check returns this object)."""
+        return tuple(range(self.n_models))
+
+    @functools.cached_property
+    def _feature_set(self) -> frozenset[str]:
+        return frozenset(self.feature_names or ())
 
     def resolve(self, ev: Event, field: str = "model_outputs") -> Resolved:
         """Map an event with n_models experts onto the schema, or raise FusionInputError. `field` is
@@ -215,14 +442,15 @@ class Schema:
             x=[[prob_logit(e.prob_up), 0.0, 0.0] if e.confidence is None else [prob_logit(e.prob_up), e.confidence, 1.0]
                for e in experts],
             feats=[ev.features.get(n, math.nan) for n in schema],
-            order=order, expert_names=new_expert_names, feature_names=new_feature_names)
+            order=list(order), expert_names=new_expert_names, feature_names=new_feature_names)
 
     def check(self, ev: Event, field: str = "model_outputs"):
         """Validate an event against the schema without building the model's inputs: (order,
-        feature schema, expert names to fix or None, feature names to fix or None)."""
+        feature schema, expert names to fix or None, feature names to fix or None). The order is
+        `identity` when the experts come in schema order."""
         names = [e.name for e in ev.experts]
         new_expert_names = None
-        order = list(range(self.n_models))
+        order: Sequence[int] = self.identity
         if self.expert_names is None:
             if all(names):
                 new_expert_names = tuple(names)
@@ -237,6 +465,8 @@ class Schema:
         schema = self.feature_names
         if schema is None:
             schema = new_feature_names = tuple(sorted(ev.features))
+        elif ev.features.keys() == self._feature_set:  # the usual case: exactly the schema's features
+            return order, schema, new_expert_names, new_feature_names
         unknown = sorted(set(ev.features) - set(schema))
         if unknown:
             raise FusionInputError("features", f"unknown feature(s) {', '.join(unknown)}; the schema is "
@@ -276,12 +506,31 @@ class Snapshot:
     skill_logw: np.ndarray | None = None  # (tokens,) the recent-skill log weights, schema order
     classic: Any = None  # a frozen copy of the learner's ClassicTokens (classic_tokens), never changed
 
+    @functools.cached_property
+    def _shares(self) -> list[list[float]]:
+        return self.classic.shares()
+
+    @functools.cached_property
+    def _forecaster(self) -> Any:
+        return self.classic.forecaster()
+
+    @functools.cached_property
+    def _one(self) -> OneEventNet:
+        """The single-event forward, folded on first use (validation never needs it)."""
+        return OneEventNet(self.net, self.skill_logw, self._shares if self.classic is not None else None)
+
+    def _classic_rows(self, x: Sequence[Sequence[float]]) -> list[list[float]]:
+        """classic_rows, with the snapshot's frozen forecaster."""
+        return [[prob_logit(p), 0.0, 0.0] for p in self._forecaster.predict(expert_probs(x))]
+
     def predict(self, events: Sequence[Event], field: str = "model_outputs") -> list[Prediction | FusionInputError]:
         """One batched forward for the events that the fusion serves; the plain average, with its
         reason, for the others; a FusionInputError in place of an event that does not fit the schema.
 
         Reasons, in order: disabled, wrong_expert_count, warming_up.
         """
+        if len(events) == 1:
+            return [self.predict_one(events[0], field)]
         out: list[Prediction | FusionInputError | None] = [None] * len(events)
         fused: list[tuple[int, Resolved]] = []
         for i, ev in enumerate(events):
@@ -303,13 +552,12 @@ class Snapshot:
                     out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
         if fused:
             n = self.schema.n_models
-            x = [r.x + classic_rows(self.classic, expert_probs(r.x)) if self.classic is not None else r.x
-                 for _, r in fused]
+            x = [r.x + self._classic_rows(r.x) if self.classic is not None else r.x for _, r in fused]
             probs, weights = self.net.forward(
                 np.array(x, dtype=np.float64),
                 np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1), self.skill_logw)
             if self.classic is not None:  # attention on an aggregator's token goes to the experts behind it
-                weights = weights[:, :n] + weights[:, n:] @ np.array(self.classic.shares())
+                weights = weights[:, :n] + weights[:, n:] @ np.array(self._shares)
             names = self.schema.names
             for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
                 attention = [("", 0.0)] * n
@@ -317,6 +565,49 @@ class Snapshot:
                     attention[req] = (names[j], w[j])
                 out[i] = Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None, dict(attention), self.version)
         return out  # type: ignore[return-value]
+
+    def predict_one(self, ev: Event, field: str = "model_outputs") -> Prediction | FusionInputError:
+        """predict([ev])[0], through OneEventNet: the same checks in the same order, the same
+        numbers (to rounding)."""
+        schema = self.schema
+        if not self.enabled:
+            return average_prediction(ev, REASON_DISABLED, self.version)
+        experts = ev.experts
+        if len(experts) != schema.n_models:
+            return average_prediction(ev, REASON_WRONG_EXPERT_COUNT, self.version)
+        if schema.feature_names is None:  # nothing learned yet
+            return average_prediction(ev, REASON_WARMING_UP, self.version)
+        try:
+            order = schema.check(ev, field)[0]
+        except FusionInputError as e:
+            return e
+        if not self.ready:
+            return average_prediction(ev, REASON_WARMING_UP, self.version)
+        one = self._one
+        u: list[float] = []
+        for k in order:
+            e = experts[k]
+            if e.confidence is None:
+                u += (prob_logit(e.prob_up), 0.0, 0.0)
+            else:
+                u += (prob_logit(e.prob_up), e.confidence, 1.0)
+        if self.classic is not None:
+            probs = [1.0 / (1.0 + math.exp(-v)) for v in u[::3]]  # expert_probs
+            for p in self._forecaster.predict(probs):
+                u += (prob_logit(p), 0.0, 0.0)
+        feats = ev.features
+        u += one.features([feats.get(name, math.nan) for name in schema.feature_names])
+        u.append(1.0)
+        p_up, w = one.forward(u)
+        names = schema.names
+        if order is schema.identity:
+            attention = dict(zip(names, w))
+        else:
+            pairs = [("", 0.0)] * len(order)
+            for j, req in enumerate(order):
+                pairs[req] = (names[j], w[j])
+            attention = dict(pairs)
+        return Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None, attention, self.version)
 
 
 class ServingStats:
