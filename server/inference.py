@@ -625,6 +625,15 @@ class ServingStats:
                served: Iterable[Prediction | Exception] | None = None) -> None:
         """Attention from the fusion's forecasts in `predictions`; the last source and reason from
         `served` (what was answered, when the service overrode the fusion), else `predictions`."""
+        if served is None and type(predictions) is list and len(predictions) == 1:  # one forecast
+            p = predictions[0]
+            if type(p) is Prediction:
+                row = [p.attention[n] for n in schema_names] if p.source == SOURCE_FUSION else None
+                with self._lock:
+                    if row is not None:
+                        self._attention.append(row)
+                    self.last_source, self.last_reason = p.source, p.reason
+                return
         predictions = list(predictions)
         last = next((p for p in reversed(list(served) if served is not None else predictions)
                      if isinstance(p, Prediction)), None)
