@@ -22,7 +22,7 @@ import torch
 
 from .errors import FusionInputError
 from .events import Expert, parse_experts, parse_features, plain_average
-from .model import FusionNet, prob_logit
+from .model import PROB_EPS, FusionNet, prob_logit
 
 SOURCE_FUSION = "fusion"
 SOURCE_AVERAGE = "average"
@@ -217,95 +217,112 @@ class OneEventNet:
         P = np.zeros((C1, C1))  # centering and 1/sqrt(C); the constant component 1 -> sqrt(eps)
         P[:C, :C] = (np.eye(C) - 1.0 / C) / sq
         P[C, C] = math.sqrt(LN_EPS)
-        proj = w["attn_proj"]
         qkv = w["qkv"]
+        idx = np.arange(n)
+        rows = 3 * n + nf + 1  # u: 3 inputs per token, the features, 1
         # M's output: D (T, C1) the centered tokens; X (n, C1) the expert tokens (plus the constant
         # 1) plus the attention's constant output; RG (n, ne + 1 + nh) per token its shares over the
         # experts, 1, and per head value_h . head_h (+ its calibrated logit / nh with logit_pool);
         # with features, WKQ (C1, nh) the pooling keys' weights times the query.
+        own1 = np.zeros((3 + n, C1))  # [the expert inputs' weights (3 rows); the bias of each token]
+        own1[:3, :C] = w["expert_in"]
+        own1[3:, :C] = w["own_bias"]
+        own1[3:, C] = 1.0
+        own_p = own1 @ P
+        D = np.zeros((rows, T, C1))
+        Dx = D[:3 * n].reshape(n, 3, T, C1)  # D is fresh and contiguous: these are views
+        Dx[idx, :, idx] = own_p[:3]
+        D[-1, :n] = own_p[3:]
+        X = np.zeros((rows, n, C1))
+        X[:3 * n].reshape(n, 3, n, C1)[idx, :, idx] = own1[:3]
+        X[-1] = own1[3:]
+        X[-1, :, :C] += w["qkv_bias"][2 * C:] @ w["attn_proj"] + w["attn_proj_bias"]
         K = ne + 1 + nh
-        sizes = {"D": T * C1, "X": n * C1, "RG": n * K, "WKQ": C1 * nh if nf else 0}
-        at, blocks = 0, {}
-        for name, size in sizes.items():
-            blocks[name] = slice(at, at + size)
-            at += size
-        rows = 3 * n + nf + 1
-        M = np.zeros((rows, at))
-        D = M[:, blocks["D"]].reshape(rows, T, C1)  # views into M
-        X = M[:, blocks["X"]].reshape(rows, n, C1)
-        RG = M[:, blocks["RG"]].reshape(rows, n, K)
-        own_bias = np.broadcast_to(w["own_bias"], (n, C))
-        own_bias1 = np.concatenate((own_bias, np.ones((n, 1))), axis=1)  # (n, C1)
-        w_in = _aug_cols(w["expert_in"])  # (3, C1)
+        RG = np.zeros((rows, n, K))
         head_split = np.zeros((C, nh))  # the head, per head
-        for h in range(nh):
-            head_split[h * hs:(h + 1) * hs, h] = w["head"][h * hs:(h + 1) * hs]
-        vh = w["value"] @ head_split  # (C, nh)
-        g_x = np.broadcast_to(w["expert_in"] @ vh, (n, 3, nh)).copy()
-        g_b = own_bias @ vh + w["value_bias"] @ head_split  # (n, nh)
+        head_split.reshape(nh, hs, nh)[np.arange(nh), :, np.arange(nh)] = w["head"].reshape(nh, hs)
+        vh = own1[:, :C] @ (w["value"] @ head_split)  # (3 + n, nh): value_h(own) . head_h, linear part
+        g_x = np.broadcast_to(vh[:3], (n, 3, nh)).copy()
+        g_b = vh[3:] + w["value_bias"] @ head_split
         if net.logit_pool:
             g_x[:, 0, :] += (w["calib_scale"] / nh)[:, None]
-            g_b = g_b + (w["calib_shift"] / nh)[:, None]
-        win_p = w_in @ P
-        for j in range(n):  # token j's inputs are rows 3j .. 3j + 2 of M
-            D[3 * j:3 * j + 3, j] = win_p
-            X[3 * j:3 * j + 3, j] = w_in
-            RG[3 * j:3 * j + 3, j, ne + 1:] = g_x[j]
-        D[-1, :n] = own_bias1 @ P
-        X[-1] = own_bias1
-        X[-1, :, :C] += w["qkv_bias"][2 * C:] @ proj + w["attn_proj_bias"]
+            g_b += (w["calib_shift"] / nh)[:, None]
+        RG[:3 * n].reshape(n, 3, n, K)[idx, :, idx, ne + 1:] = g_x
         RG[-1, :, ne + 1:] = g_b
         RG[-1, :, ne] = 1.0
         RG[-1, :ne, :ne] = np.eye(ne)
         if shares is not None:
-            RG[-1, ne:, :ne] = np.asarray(shares, dtype=np.float64)
+            RG[-1, ne:, :ne] = shares
         # the pooling keys' weights (LayerNorm folded, 1/sqrt(hs) in) times the query, per head
         key = (sq * w["key"]).reshape(C, nh, hs)
-        wkq0 = _aug_rows(np.einsum("chs,hs->ch", key, w["query"].reshape(nh, hs)))
+        wkq0 = np.zeros((C1, nh))
+        wkq0[:C] = np.einsum("chs,hs->ch", key, w["query"].reshape(nh, hs))
+        blocks = [D.reshape(rows, -1), X.reshape(rows, -1), RG.reshape(rows, -1)]
         if nf:
             fr = slice(3 * n, 3 * n + nf)
-            D[fr, n] = _aug_cols(w["feature_in"]) @ P
-            D[-1, n] = np.append(w["feature_bias"], 1.0) @ P
-            wkq = M[:, blocks["WKQ"]].reshape(rows, C1, nh)
+            f_in = np.zeros((nf + 1, C1))  # [the features' weights; the feature token's bias]
+            f_in[:nf, :C] = w["feature_in"]
+            f_in[nf, :C] = w["feature_bias"]
+            f_in[nf, C] = 1.0
+            f_p = f_in @ P
+            D[fr, n] = f_p[:nf]
+            D[-1, n] = f_p[nf]
+            wkq = np.zeros((rows, C1, nh))
             wkq[fr, :C] = np.einsum("chs,khs->kch", key, w["query_from_features"].reshape(nf, nh, hs))
             wkq[-1] = wkq0
-            pool_bound = max(np.linalg.norm(wkq0[:, h]) + 5.0 * np.linalg.norm(wkq[fr, :, h], axis=1).sum()
-                             for h in range(nh))
+            blocks.append(wkq.reshape(rows, -1))
+            # |d . wkq_h| <= |wkq_h| <= |wkq0_h| + 5 sum_k |wkq_k,h| (normalized features are in [-5, 5])
+            norms = np.sqrt(np.einsum("kch,kch->kh", wkq[fr], wkq[fr]))
+            pool_bound = float((np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)) + 5.0 * norms.sum(axis=0)).max())
             self.wkq = None
         else:
-            pool_bound = max(np.linalg.norm(wkq0[:, h]) for h in range(nh))
+            pool_bound = float(np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)).max())
             self.wkq = wkq0.T.copy()  # (nh, C1)
+        M = np.concatenate(blocks, axis=1)
+        b_d = slice(0, T * C1)
+        b_x = slice(b_d.stop, b_d.stop + n * C1)
+        b_rg = slice(b_x.stop, b_x.stop + n * K)
+        b_wkq = slice(b_rg.stop, M.shape[1])
         # self-attention: [queries masked per head (nh blocks of C) | keys | per head v_h @ proj_h]
-        q_w = np.zeros((C, nh, C))
+        W1 = np.zeros((C1, nh * C + C + nh * C1))
         q_b = np.zeros((nh, C))
-        for h in range(nh):
-            q_w[:, h, h * hs:(h + 1) * hs] = qkv[:, h * hs:(h + 1) * hs]
-            q_b[h, h * hs:(h + 1) * hs] = w["qkv_bias"][h * hs:(h + 1) * hs]
-        vw = [qkv[:, 2 * C + h * hs: 2 * C + (h + 1) * hs] @ _aug_cols(proj[h * hs:(h + 1) * hs]) for h in range(nh)]
-        self.W1 = _aug_rows(sq * np.concatenate([q_w.reshape(C, nh * C), qkv[:, C:2 * C]] + vw, axis=1))
+        qh = qkv[:, :C].reshape(C, nh, hs)
+        W1[:C, :nh * C].reshape(C, nh, nh, hs)[:, np.arange(nh), np.arange(nh)] = qh
+        q_b.reshape(nh, nh, hs)[np.arange(nh), np.arange(nh)] = w["qkv_bias"][:C].reshape(nh, hs)
+        W1[:C, nh * C:(nh + 1) * C] = qkv[:, C:2 * C]
+        vw = W1[:C, (nh + 1) * C:].reshape(C, nh, C1)
+        vw[:, :, :C] = np.einsum("chs,hsd->chd", qkv[:, 2 * C:].reshape(C, nh, hs), w["attn_proj"].reshape(nh, hs, C))
+        W1 *= sq
+        self.W1 = W1
         self.bq = q_b.reshape(nh * C)
-        att_bound = max((np.linalg.norm(self.W1[:, h * C:(h + 1) * C]) + np.linalg.norm(q_b[h]))
-                        * np.linalg.norm(self.W1[:, nh * C + h * hs: nh * C + (h + 1) * hs]) for h in range(nh))
+        # |q_i . k_j| <= |q_i| |k_j| per head, and a LayerNorm's output (over sqrt(C)) has norm <= 1
+        col2 = np.einsum("ck,ck->k", W1, W1)
+        q_norm = np.sqrt(col2[:nh * C].reshape(nh, C).sum(axis=1)) + np.sqrt(np.einsum("hc,hc->h", q_b, q_b))
+        k_norm = np.sqrt(col2[nh * C:(nh + 1) * C].reshape(nh, hs).sum(axis=1))
+        att_bound = float((q_norm * k_norm).max())
         self.ones_t = np.ones(T)
         # LayerNorm 2 and the MLP: x2 @ [P | P fc | P3], where P3 also adds the MLP's output bias
         # (x2's constant component is 1)
-        P3 = P.copy()
-        P3[C] += np.append(w["mlp_proj_bias"], 0.0) @ P
-        self.W2 = np.concatenate((P, P @ _aug_rows(sq * w["fc"]), P3), axis=1)
+        W2 = np.zeros((C1, 2 * C1 + w["fc"].shape[1]))
+        W2[:, :C1] = P
+        W2[:, C1:-C1] = P[:, :C] @ (sq * w["fc"])
+        W2[:, -C1:] = P
+        W2[C, -C1:-1] += w["mlp_proj_bias"] @ P[:C, :C]
+        self.W2 = W2
         self.fc_bias = w["fc_bias"]
-        self.W3 = _aug_cols(w["mlp_proj"]) @ P
+        self.W3 = w["mlp_proj"] @ P[:C]
         if net.skill_bias:
             s = float(w["skill_scale"][0]) * np.asarray(skill, dtype=np.float64)
             self.skill = s - s.max()  # a constant shift: the softmax is the same
         else:
             self.skill = None
-        self.bounded = bool(att_bound <= self.MAX_SCORE and pool_bound <= self.MAX_SCORE)
+        self.bounded = att_bound <= self.MAX_SCORE and pool_bound <= self.MAX_SCORE
         self.head_bias = float(w["head_bias"])
-        self.M, self.blocks = M, (blocks["D"], blocks["X"], blocks["RG"], blocks["WKQ"])
+        self.M, self.blocks = M, (b_d, b_x, b_rg, b_wkq)
         self.n, self.ne, self.nh, self.C, self.C1, self.T = n, ne, nh, C, C1, T
         self.shift, self.scale = net.norm_shift.tolist(), net.norm_scale.tolist()
         self.inv_nh = 1.0 / nh
-        for a in (M, self.W1, self.bq, self.ones_t, self.W2, self.W3, self.wkq, self.skill):
+        for a in (M, W1, self.bq, self.ones_t, W2, self.W3, self.wkq, self.skill):
             if a is not None:
                 a.setflags(write=False)
 
@@ -585,16 +602,20 @@ class Snapshot:
             return average_prediction(ev, REASON_WARMING_UP, self.version)
         one = self._one
         u: list[float] = []
-        for k in order:
+        log, log1p, lo, hi = math.log, math.log1p, PROB_EPS, 1.0 - PROB_EPS
+        for k in order:  # the token inputs: prob_logit inline, a call per value costs more here
             e = experts[k]
+            p = e.prob_up
+            p = lo if p < lo else (hi if p > hi else p)
             if e.confidence is None:
-                u += (prob_logit(e.prob_up), 0.0, 0.0)
+                u += (log(p) - log1p(-p), 0.0, 0.0)
             else:
-                u += (prob_logit(e.prob_up), e.confidence, 1.0)
+                u += (log(p) - log1p(-p), e.confidence, 1.0)
         if self.classic is not None:
-            probs = [1.0 / (1.0 + math.exp(-v)) for v in u[::3]]  # expert_probs
-            for p in self._forecaster.predict(probs):
-                u += (prob_logit(p), 0.0, 0.0)
+            exp = math.exp
+            for p in self._forecaster.predict([1.0 / (1.0 + exp(-v)) for v in u[::3]]):  # expert_probs
+                p = lo if p < lo else (hi if p > hi else p)
+                u += (log(p) - log1p(-p), 0.0, 0.0)
         feats = ev.features
         u += one.features([feats.get(name, math.nan) for name in schema.feature_names])
         u.append(1.0)
