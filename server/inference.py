@@ -229,16 +229,20 @@ class OneEventNet:
         own1[3:, :C] = w["own_bias"]
         own1[3:, C] = 1.0
         own_p = own1 @ P
-        D = np.zeros((rows, T, C1))
-        Dx = D[:3 * n].reshape(n, 3, T, C1)  # D is fresh and contiguous: these are views
-        Dx[idx, :, idx] = own_p[:3]
+        K = ne + 1 + nh
+        b_d = slice(0, T * C1)
+        b_x = slice(b_d.stop, b_d.stop + n * C1)
+        b_rg = slice(b_x.stop, b_x.stop + n * K)
+        b_wkq = slice(b_rg.stop, b_rg.stop + (C1 * nh if nf else 0))
+        M = np.zeros((rows, b_wkq.stop))
+        D = M[:, b_d].reshape(rows, T, C1)  # views of M (splitting an axis never copies)
+        D[:3 * n].reshape(n, 3, T, C1)[idx, :, idx] = own_p[:3]
         D[-1, :n] = own_p[3:]
-        X = np.zeros((rows, n, C1))
+        X = M[:, b_x].reshape(rows, n, C1)
         X[:3 * n].reshape(n, 3, n, C1)[idx, :, idx] = own1[:3]
         X[-1] = own1[3:]
         X[-1, :, :C] += w["qkv_bias"][2 * C:] @ w["attn_proj"] + w["attn_proj_bias"]
-        K = ne + 1 + nh
-        RG = np.zeros((rows, n, K))
+        RG = M[:, b_rg].reshape(rows, n, K)
         head_split = np.zeros((C, nh))  # the head, per head
         head_split.reshape(nh, hs, nh)[np.arange(nh), :, np.arange(nh)] = w["head"].reshape(nh, hs)
         vh = own1[:, :C] @ (w["value"] @ head_split)  # (3 + n, nh): value_h(own) . head_h, linear part
@@ -257,7 +261,6 @@ class OneEventNet:
         key = (sq * w["key"]).reshape(C, nh, hs)
         wkq0 = np.zeros((C1, nh))
         wkq0[:C] = np.einsum("chs,hs->ch", key, w["query"].reshape(nh, hs))
-        blocks = [D.reshape(rows, -1), X.reshape(rows, -1), RG.reshape(rows, -1)]
         if nf:
             fr = slice(3 * n, 3 * n + nf)
             f_in = np.zeros((nf + 1, C1))  # [the features' weights; the feature token's bias]
@@ -267,10 +270,9 @@ class OneEventNet:
             f_p = f_in @ P
             D[fr, n] = f_p[:nf]
             D[-1, n] = f_p[nf]
-            wkq = np.zeros((rows, C1, nh))
+            wkq = M[:, b_wkq].reshape(rows, C1, nh)
             wkq[fr, :C] = np.einsum("chs,khs->kch", key, w["query_from_features"].reshape(nf, nh, hs))
             wkq[-1] = wkq0
-            blocks.append(wkq.reshape(rows, -1))
             # |d . wkq_h| <= |wkq_h| <= |wkq0_h| + 5 sum_k |wkq_k,h| (normalized features are in [-5, 5])
             norms = np.sqrt(np.einsum("kch,kch->kh", wkq[fr], wkq[fr]))
             pool_bound = float((np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)) + 5.0 * norms.sum(axis=0)).max())
@@ -278,11 +280,6 @@ class OneEventNet:
         else:
             pool_bound = float(np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)).max())
             self.wkq = wkq0.T.copy()  # (nh, C1)
-        M = np.concatenate(blocks, axis=1)
-        b_d = slice(0, T * C1)
-        b_x = slice(b_d.stop, b_d.stop + n * C1)
-        b_rg = slice(b_x.stop, b_x.stop + n * K)
-        b_wkq = slice(b_rg.stop, M.shape[1])
         # self-attention: [queries masked per head (nh blocks of C) | keys | per head v_h @ proj_h]
         W1 = np.zeros((C1, nh * C + C + nh * C1))
         q_b = np.zeros((nh, C))
@@ -548,6 +545,9 @@ class Snapshot:
         """
         if len(events) == 1:
             return [self.predict_one(events[0], field)]
+        return self._predict_batched(events, field)
+
+    def _predict_batched(self, events: Sequence[Event], field: str) -> list[Prediction | FusionInputError]:
         out: list[Prediction | FusionInputError | None] = [None] * len(events)
         fused: list[tuple[int, Resolved]] = []
         for i, ev in enumerate(events):
@@ -585,7 +585,15 @@ class Snapshot:
 
     def predict_one(self, ev: Event, field: str = "model_outputs") -> Prediction | FusionInputError:
         """predict([ev])[0], through OneEventNet: the same checks in the same order, the same
-        numbers (to rounding)."""
+        numbers (to rounding).
+
+        The first single-event forecast of a snapshot goes through the batched forward instead, and
+        the fold happens on the second: the learner publishes a snapshot after every outcome, and
+        one that serves a single forecast (outcome, forecast, outcome, ...) would pay the fold
+        (more than a batched forward of one event) for nothing."""
+        if "_one" not in self.__dict__ and not self.__dict__.get("_served_one"):
+            self.__dict__["_served_one"] = True  # like cached_property: no lock, a race only folds early
+            return self._predict_batched([ev], field)[0]
         schema = self.schema
         if not self.enabled:
             return average_prediction(ev, REASON_DISABLED, self.version)
