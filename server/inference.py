@@ -15,7 +15,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -520,8 +520,6 @@ class Snapshot:
     skill_logw: np.ndarray | None = None  # (tokens,) the recent-skill log weights, schema order
     classic: Any = None  # a frozen copy of the learner's ClassicTokens (classic_tokens), never changed
 
-    FOLD_AFTER: ClassVar[int] = 2  # single-event forecasts served batched before OneEventNet is folded
-
     @functools.cached_property
     def _shares(self) -> list[list[float]]:
         return self.classic.shares()
@@ -587,18 +585,9 @@ class Snapshot:
 
     def predict_one(self, ev: Event, field: str = "model_outputs") -> Prediction | FusionInputError:
         """predict([ev])[0], through OneEventNet: the same checks in the same order, the same
-        numbers (to rounding).
-
-        The first FOLD_AFTER single-event forecasts of a snapshot go through the batched forward
-        instead, and the fold happens on the next: the learner publishes a snapshot after every
-        outcome, and the fold costs about what three or four forecasts save (ski rental: pay for
-        the cheap way about as long as buying would have cost), so a snapshot that serves one or two
-        forecasts (outcome, forecast, outcome, ...) never pays it."""
-        if "_one" not in self.__dict__:
-            served = self.__dict__.get("_served_batched", 0)
-            if served < self.FOLD_AFTER:
-                self.__dict__["_served_batched"] = served + 1  # as cached_property does: no lock; a race only folds late
-                return self._predict_batched([ev], field)[0]
+        numbers (to rounding). Every single-event forecast of a snapshot takes this path (the first
+        one folds OneEventNet), so that the same event on the same snapshot always gets the same bits.
+        """
         schema = self.schema
         if not self.enabled:
             return average_prediction(ev, REASON_DISABLED, self.version)

@@ -113,7 +113,7 @@ def test_single_event_path_equals_batched_and_torch(cfg, features, missing):
             assert list(one.attention) == list(b.attention)  # request order
             assert max(abs(one.attention[k] - b.attention[k]) for k in b.attention) < 1e-9
             assert abs(sum(one.attention.values()) - 1.0) < 1e-12
-        assert "_one" in snap.__dict__  # folded after the first Snapshot.FOLD_AFTER forecasts
+            assert snap.predict([ev])[0] == one  # the same bits every time on the same snapshot
     # and the batched path equals torch in eval mode (the learner's own token inputs)
     net = fusion._net
     net.eval()
