@@ -28,6 +28,7 @@ Experts' probabilities are clipped to [1e-4, 1 - 1e-4] (as the transformer clips
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -370,6 +371,17 @@ class ClassicTokens:
         stack = (beta / total).tolist() if total > 0 else [1.0 / self.n] * self.n
         return [self.fs.weights(), stack, [1.0 / self.n] * self.n]
 
+    def forecaster(self) -> "ClassicForecaster":
+        """`predict` with the current state frozen, in plain floats: what an inference snapshot uses."""
+        return ClassicForecaster(self.fs.weights(), self.stacking.lr.w.tolist(), self.recal.lr.w.tolist())
+
+    def __deepcopy__(self, memo: dict) -> "ClassicTokens":
+        """A full, independent copy (inference snapshots take one after every outcome), without
+        copy.deepcopy's generic walk: the state is a few floats, lists of floats and arrays."""
+        new = _copy_state(self)
+        memo[id(self)] = new
+        return new
+
     def state(self) -> dict:
         return {"fs_logw": list(self.fs.logw),
                 "stacking": [self.stacking.lr.w.tolist(), self.stacking.lr.H.tolist()],
@@ -380,3 +392,43 @@ class ClassicTokens:
         for lr, (w, h) in ((self.stacking.lr, state["stacking"]), (self.recal.lr, state["recal"])):
             lr.w = np.array(w, dtype=np.float64)
             lr.H = np.array(h, dtype=np.float64)
+
+
+class ClassicForecaster:
+    """ClassicTokens.predict for a frozen state, with plain Python floats: on a handful of experts,
+    numpy's per-call overhead costs more than the arithmetic. The same formulas; the stacking's dot
+    product is summed in Python, so it may differ from numpy's in the last bit."""
+
+    __slots__ = ("fs_w", "stack_w", "recal_w")
+
+    def __init__(self, fs_weights: Sequence[float], stacking_w: Sequence[float], recal_w: Sequence[float]):
+        self.fs_w = list(fs_weights)
+        self.stack_w = list(stacking_w)  # n weights, then the bias
+        self.recal_w = list(recal_w)  # (a, b)
+
+    def predict(self, probs: Sequence[float]) -> list[float]:
+        """[Fixed Share, stacking, recalibrated average] forecasts of UP."""
+        clipped = [min(max(float(p), CLIP), 1.0 - CLIP) for p in probs]
+        z = self.stack_w[-1]
+        for w, p in zip(self.stack_w, clipped):
+            z += w * math.log(p / (1.0 - p))
+        a, b = self.recal_w
+        return [math.fsum(w * p for w, p in zip(self.fs_w, clipped)), sigmoid(z),
+                sigmoid(a * logit(math.fsum(probs) / len(probs)) + b)]
+
+
+def _copy_state(obj: Any) -> Any:
+    """A deep copy of state made of numbers, strings, None, numpy arrays, lists and tuples, and
+    instances of this module's classes holding the same; anything else goes to copy.deepcopy."""
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if type(obj) is np.ndarray:
+        return obj.copy()
+    if type(obj) in (list, tuple):
+        items = [_copy_state(v) for v in obj]
+        return items if type(obj) is list else tuple(items)
+    if type(obj).__module__ == __name__ and hasattr(obj, "__dict__"):
+        new = object.__new__(type(obj))
+        new.__dict__.update({k: _copy_state(v) for k, v in vars(obj).items()})
+        return new
+    return copy.deepcopy(obj)

@@ -64,14 +64,22 @@ def parse_experts(model_outputs: Any, field: str = "model_outputs") -> tuple[Exp
     >>> parse_experts([{"prob_up": 0.6, "name": "trend"}])[0]
     Expert(prob_up=0.6, confidence=None, name='trend')
     """
-    if isinstance(model_outputs, (str, bytes, Mapping)) or not isinstance(model_outputs, Sequence):
+    if type(model_outputs) not in (list, tuple) and (
+            isinstance(model_outputs, (str, bytes, Mapping)) or not isinstance(model_outputs, Sequence)):
         raise FusionInputError(field, f"must be a list of expert outputs, got {type(model_outputs).__name__}")
-    for i, out in enumerate(model_outputs):
-        if out is None:
+    rows = []
+    for i, o in enumerate(model_outputs):
+        if type(o) is dict:  # the usual case, without _get's checks
+            get = o.get
+            name = get("name")
+            rows.append((get("prob_up"), get("prob_down"), get("confidence"), name if name is not None else get("model_name")))
+        elif o is None:
             raise FusionInputError(f"{field}[{i}]", "is missing")
-    return parse_expert_fields(
-        [(_get(o, "prob_up"), _get(o, "prob_down"), _get(o, "confidence"),
-          _get(o, "name") if _get(o, "name") is not None else _get(o, "model_name")) for o in model_outputs], field)
+        else:
+            name = _get(o, "name")
+            rows.append((_get(o, "prob_up"), _get(o, "prob_down"), _get(o, "confidence"),
+                         name if name is not None else _get(o, "model_name")))
+    return parse_expert_fields(rows, field)
 
 
 def parse_expert_fields(rows: Sequence[tuple[Any, Any, Any, Any]], field: str) -> tuple[Expert, ...]:
@@ -84,25 +92,29 @@ def parse_expert_fields(rows: Sequence[tuple[Any, Any, Any, Any]], field: str) -
     experts = []
     seen: dict[str, int] = {}
     for i, (prob_up, prob_down, confidence, name) in enumerate(rows):
-        f = f"{field}[{i}]"
-        prob_up = _number(prob_up, f"{f}.prob_up", required=True, lo=0.0, hi=1.0)
-        prob_down = _number(prob_down, f"{f}.prob_down", required=False, lo=0.0, hi=1.0)
-        if prob_down is not None and abs(prob_up + prob_down - 1.0) > PROB_SUM_TOLERANCE:
-            raise FusionInputError(f"{f}.prob_down",
-                                   f"prob_up + prob_down = {prob_up + prob_down:.6g}, must be 1 (within {PROB_SUM_TOLERANCE:g})")
-        confidence = _number(confidence, f"{f}.confidence", required=False, lo=0.0, hi=1.0)
+        # a plain float in [0, 1] is what _number would return as it is; anything else goes through it
+        if not (type(prob_up) is float and 0.0 <= prob_up <= 1.0):
+            prob_up = _number(prob_up, f"{field}[{i}].prob_up", required=True, lo=0.0, hi=1.0)
+        if prob_down is not None:
+            if not (type(prob_down) is float and 0.0 <= prob_down <= 1.0):
+                prob_down = _number(prob_down, f"{field}[{i}].prob_down", required=False, lo=0.0, hi=1.0)
+            if prob_down is not None and abs(prob_up + prob_down - 1.0) > PROB_SUM_TOLERANCE:
+                raise FusionInputError(f"{field}[{i}].prob_down",
+                                       f"prob_up + prob_down = {prob_up + prob_down:.6g}, must be 1 (within {PROB_SUM_TOLERANCE:g})")
+        if confidence is not None and not (type(confidence) is float and 0.0 <= confidence <= 1.0):
+            confidence = _number(confidence, f"{field}[{i}].confidence", required=False, lo=0.0, hi=1.0)
         if name is not None:
             if not isinstance(name, str):
-                raise FusionInputError(f"{f}.name", f"must be a string, got {type(name).__name__}")
+                raise FusionInputError(f"{field}[{i}].name", f"must be a string, got {type(name).__name__}")
             if name == "":
                 name = None
             elif len(name) > MAX_NAME_LENGTH:
-                raise FusionInputError(f"{f}.name", f"longer than {MAX_NAME_LENGTH} characters")
+                raise FusionInputError(f"{field}[{i}].name", f"longer than {MAX_NAME_LENGTH} characters")
             elif name in seen:
-                raise FusionInputError(f"{f}.name", f"duplicate expert name {name!r} (also at index {seen[name]})")
+                raise FusionInputError(f"{field}[{i}].name", f"duplicate expert name {name!r} (also at index {seen[name]})")
             else:
                 seen[name] = i
-        experts.append(Expert(prob_up=prob_up, confidence=confidence, name=name))
+        experts.append(Expert(prob_up, confidence, name))
     return tuple(experts)
 
 
@@ -110,7 +122,7 @@ def parse_features(features: Any, field: str = "features") -> dict[str, float]:
     """Validate a mapping of feature name to finite number. None means no features."""
     if features is None:
         return {}
-    if not isinstance(features, Mapping):
+    if type(features) is not dict and not isinstance(features, Mapping):
         raise FusionInputError(field, f"must be a mapping of name to number, got {type(features).__name__}")
     if len(features) > MAX_FEATURES:
         raise FusionInputError(field, f"has {len(features)} features; at most {MAX_FEATURES}")
@@ -120,7 +132,9 @@ def parse_features(features: Any, field: str = "features") -> dict[str, float]:
             raise FusionInputError(field, f"feature names must be non-empty strings, got {name!r}")
         if len(name) > MAX_NAME_LENGTH:
             raise FusionInputError(f"{field}.{name[:32]}...", f"name longer than {MAX_NAME_LENGTH} characters")
-        out[name] = _number(value, f"{field}.{name}", required=True)
+        # a finite float is what _number would return as it is
+        out[name] = value if type(value) is float and value - value == 0.0 else \
+            _number(value, f"{field}.{name}", required=True)
     return out
 
 

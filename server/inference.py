@@ -10,6 +10,7 @@ instead of torch's (tens of microseconds for one event, against hundreds).
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import deque
@@ -21,7 +22,7 @@ import torch
 
 from .errors import FusionInputError
 from .events import Expert, parse_experts, parse_features, plain_average
-from .model import FusionNet, prob_logit
+from .model import PROB_EPS, FusionNet, prob_logit
 
 SOURCE_FUSION = "fusion"
 SOURCE_AVERAGE = "average"
@@ -40,6 +41,10 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     inv_c = 1.0 / x.shape[-1]  # sum * (1/C) rather than mean(): numpy's mean() costs more per call
     d = x - x.sum(axis=-1, keepdims=True) * inv_c
     return d / np.sqrt((d * d).sum(axis=-1, keepdims=True) * inv_c + LN_EPS)
+
+
+# Row-wise dot products: np.vecdot (numpy >= 2.0) is one ufunc call; einsum otherwise.
+_rowdot = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("ij,ij->i", a, b))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -155,6 +160,233 @@ class NumpyNet:
         return prob_up, a[:, :, 0, :].mean(axis=1)
 
 
+def _aug_cols(a: np.ndarray) -> np.ndarray:
+    """(r, C) -> (r, C + 1): a zero last column."""
+    return np.concatenate((a, np.zeros((a.shape[0], 1))), axis=1)
+
+
+def _aug_rows(a: np.ndarray) -> np.ndarray:
+    """(C, k) -> (C + 1, k): a zero last row."""
+    return np.concatenate((a, np.zeros((1, a.shape[1]))), axis=0)
+
+
+class OneEventNet:
+    """NumpyNet.forward for one event (B = 1): what does not depend on the event is folded once
+    per snapshot, so that a forward is about 35 numpy calls on small 2-D arrays (each call costs
+    about 1 us here, whatever its size: the count is what matters).
+
+    The algebra is exact; only rounding differs from NumpyNet.forward (1e-15):
+
+    - Everything before the first LayerNorm is linear in u = [token inputs (3 per token), the
+      normalized features, 1], and so are the pooling's values seen through the head (only
+      value_h . head_h counts, per head), logit_pool's calibrated logits and the pooling keys'
+      weights times the feature-conditioned query. One product `u @ M` gives them all.
+    - Token vectors carry one more, constant, component: 1 in the residual stream, sqrt(eps) once
+      centered (`P`, which also scales by 1/sqrt(C)), so that |d|^2 = var + eps is one row-wise dot,
+      and constant biases ride along with the weights.
+    - Self-attention: the keys' bias cancels in the softmax (it adds q_i . b_k to every key of row
+      i), the values go through the output projection per head first (V_h W_proj,h), and their bias
+      passes through the softmax unchanged (rows sum to 1) into the residual. The queries come out
+      masked per head, so all heads' scores are one product. The pooling's key bias cancels too.
+    - Only the expert tokens are carried past the self-attention: the feature token is a key and a
+      value there, but nothing reads its own output.
+    - The pooling's tail (the softmax normalizers, the head's logit, attention per expert with the
+      classic tokens' shares) is one product of the exponentiated scores with a matrix whose
+      constant columns come from M's bias row.
+    - Softmax without subtracting the maximum when it cannot overflow or underflow: every score is
+      bounded by norms of the weights (a LayerNorm output has norm <= sqrt(C); the features are
+      clipped to [-5, 5]); when a bound exceeds MAX_SCORE, the maxima are subtracted as usual.
+
+    `skill` (the snapshot's skill log weights, with skill_bias) and `shares` (the classic
+    aggregators' weights over the experts, one row per classic token) are constants of a snapshot.
+    """
+
+    MAX_SCORE = 300.0  # exp(+-300) is far from float64's overflow and from its subnormals
+
+    __slots__ = ("n", "ne", "nh", "C", "C1", "T", "M", "blocks", "W1", "bq", "ones_t", "W2", "fc_bias",
+                 "W3", "wkq", "skill", "head_bias", "shift", "scale", "inv_nh", "bounded")
+
+    def __init__(self, net: NumpyNet, skill: np.ndarray | None = None,
+                 shares: Sequence[Sequence[float]] | None = None):
+        w = net.w
+        n, nf, nh = net.n_experts, net.n_features, net.n_head
+        C = w["qkv"].shape[0]
+        hs, C1, sq = C // nh, C + 1, math.sqrt(C)
+        T = n + (1 if nf else 0)
+        ne = n - (len(shares) if shares is not None else 0)  # the experts; then the classic tokens
+        P = np.zeros((C1, C1))  # centering and 1/sqrt(C); the constant component 1 -> sqrt(eps)
+        P[:C, :C] = (np.eye(C) - 1.0 / C) / sq
+        P[C, C] = math.sqrt(LN_EPS)
+        qkv = w["qkv"]
+        idx = np.arange(n)
+        rows = 3 * n + nf + 1  # u: 3 inputs per token, the features, 1
+        # M's output: D (T, C1) the centered tokens; X (n, C1) the expert tokens (plus the constant
+        # 1) plus the attention's constant output; RG (n, ne + 1 + nh) per token its shares over the
+        # experts, 1, and per head value_h . head_h (+ its calibrated logit / nh with logit_pool);
+        # with features, WKQ (C1, nh) the pooling keys' weights times the query.
+        own1 = np.zeros((3 + n, C1))  # [the expert inputs' weights (3 rows); the bias of each token]
+        own1[:3, :C] = w["expert_in"]
+        own1[3:, :C] = w["own_bias"]
+        own1[3:, C] = 1.0
+        own_p = own1 @ P
+        K = ne + 1 + nh
+        b_d = slice(0, T * C1)
+        b_x = slice(b_d.stop, b_d.stop + n * C1)
+        b_rg = slice(b_x.stop, b_x.stop + n * K)
+        b_wkq = slice(b_rg.stop, b_rg.stop + (C1 * nh if nf else 0))
+        M = np.zeros((rows, b_wkq.stop))
+        D = M[:, b_d].reshape(rows, T, C1)  # views of M (splitting an axis never copies)
+        D[:3 * n].reshape(n, 3, T, C1)[idx, :, idx] = own_p[:3]
+        D[-1, :n] = own_p[3:]
+        X = M[:, b_x].reshape(rows, n, C1)
+        X[:3 * n].reshape(n, 3, n, C1)[idx, :, idx] = own1[:3]
+        X[-1] = own1[3:]
+        X[-1, :, :C] += w["qkv_bias"][2 * C:] @ w["attn_proj"] + w["attn_proj_bias"]
+        RG = M[:, b_rg].reshape(rows, n, K)
+        head_split = np.zeros((C, nh))  # the head, per head
+        head_split.reshape(nh, hs, nh)[np.arange(nh), :, np.arange(nh)] = w["head"].reshape(nh, hs)
+        vh = own1[:, :C] @ (w["value"] @ head_split)  # (3 + n, nh): value_h(own) . head_h, linear part
+        g_x = np.broadcast_to(vh[:3], (n, 3, nh)).copy()
+        g_b = vh[3:] + w["value_bias"] @ head_split
+        if net.logit_pool:
+            g_x[:, 0, :] += (w["calib_scale"] / nh)[:, None]
+            g_b += (w["calib_shift"] / nh)[:, None]
+        RG[:3 * n].reshape(n, 3, n, K)[idx, :, idx, ne + 1:] = g_x
+        RG[-1, :, ne + 1:] = g_b
+        RG[-1, :, ne] = 1.0
+        RG[-1, :ne, :ne] = np.eye(ne)
+        if shares is not None:
+            RG[-1, ne:, :ne] = shares
+        # the pooling keys' weights (LayerNorm folded, 1/sqrt(hs) in) times the query, per head
+        key = (sq * w["key"]).reshape(C, nh, hs)
+        wkq0 = np.zeros((C1, nh))
+        wkq0[:C] = np.einsum("chs,hs->ch", key, w["query"].reshape(nh, hs))
+        if nf:
+            fr = slice(3 * n, 3 * n + nf)
+            f_in = np.zeros((nf + 1, C1))  # [the features' weights; the feature token's bias]
+            f_in[:nf, :C] = w["feature_in"]
+            f_in[nf, :C] = w["feature_bias"]
+            f_in[nf, C] = 1.0
+            f_p = f_in @ P
+            D[fr, n] = f_p[:nf]
+            D[-1, n] = f_p[nf]
+            wkq = M[:, b_wkq].reshape(rows, C1, nh)
+            wkq[fr, :C] = np.einsum("chs,khs->kch", key, w["query_from_features"].reshape(nf, nh, hs))
+            wkq[-1] = wkq0
+            # |d . wkq_h| <= |wkq_h| <= |wkq0_h| + 5 sum_k |wkq_k,h| (normalized features are in [-5, 5])
+            norms = np.sqrt(np.einsum("kch,kch->kh", wkq[fr], wkq[fr]))
+            pool_bound = float((np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)) + 5.0 * norms.sum(axis=0)).max())
+            self.wkq = None
+        else:
+            pool_bound = float(np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)).max())
+            self.wkq = wkq0.T.copy()  # (nh, C1)
+        # self-attention: [queries masked per head (nh blocks of C) | keys | per head v_h @ proj_h]
+        W1 = np.zeros((C1, nh * C + C + nh * C1))
+        q_b = np.zeros((nh, C))
+        qh = qkv[:, :C].reshape(C, nh, hs)
+        W1[:C, :nh * C].reshape(C, nh, nh, hs)[:, np.arange(nh), np.arange(nh)] = qh
+        q_b.reshape(nh, nh, hs)[np.arange(nh), np.arange(nh)] = w["qkv_bias"][:C].reshape(nh, hs)
+        W1[:C, nh * C:(nh + 1) * C] = qkv[:, C:2 * C]
+        vw = W1[:C, (nh + 1) * C:].reshape(C, nh, C1)
+        vw[:, :, :C] = np.einsum("chs,hsd->chd", qkv[:, 2 * C:].reshape(C, nh, hs), w["attn_proj"].reshape(nh, hs, C))
+        W1 *= sq
+        self.W1 = W1
+        self.bq = q_b.reshape(nh * C)
+        # |q_i . k_j| <= |q_i| |k_j| per head, and a LayerNorm's output (over sqrt(C)) has norm <= 1
+        col2 = np.einsum("ck,ck->k", W1, W1)
+        q_norm = np.sqrt(col2[:nh * C].reshape(nh, C).sum(axis=1)) + np.sqrt(np.einsum("hc,hc->h", q_b, q_b))
+        k_norm = np.sqrt(col2[nh * C:(nh + 1) * C].reshape(nh, hs).sum(axis=1))
+        att_bound = float((q_norm * k_norm).max())
+        self.ones_t = np.ones(T)
+        # LayerNorm 2 and the MLP: x2 @ [P | P fc | P3], where P3 also adds the MLP's output bias
+        # (x2's constant component is 1)
+        W2 = np.zeros((C1, 2 * C1 + w["fc"].shape[1]))
+        W2[:, :C1] = P
+        W2[:, C1:-C1] = P[:, :C] @ (sq * w["fc"])
+        W2[:, -C1:] = P
+        W2[C, -C1:-1] += w["mlp_proj_bias"] @ P[:C, :C]
+        self.W2 = W2
+        self.fc_bias = w["fc_bias"]
+        self.W3 = w["mlp_proj"] @ P[:C]
+        if net.skill_bias:
+            s = float(w["skill_scale"][0]) * np.asarray(skill, dtype=np.float64)
+            self.skill = s - s.max()  # a constant shift: the softmax is the same
+        else:
+            self.skill = None
+        self.bounded = att_bound <= self.MAX_SCORE and pool_bound <= self.MAX_SCORE
+        self.head_bias = float(w["head_bias"])
+        self.M, self.blocks = M, (b_d, b_x, b_rg, b_wkq)
+        self.n, self.ne, self.nh, self.C, self.C1, self.T = n, ne, nh, C, C1, T
+        self.shift, self.scale = net.norm_shift.tolist(), net.norm_scale.tolist()
+        self.inv_nh = 1.0 / nh
+        for a in (M, W1, self.bq, self.ones_t, W2, self.W3, self.wkq, self.skill):
+            if a is not None:
+                a.setflags(write=False)
+
+    def features(self, raw: Iterable[float]) -> list[float]:
+        """NumpyNet.normalize for one event, in Python floats: NaN -> 0, clipped to [-5, 5]."""
+        out = []
+        for x, s, k in zip(raw, self.shift, self.scale):
+            z = (x - s) * k
+            out.append(0.0 if z != z else (5.0 if z > 5.0 else (-5.0 if z < -5.0 else z)))
+        return out
+
+    def forward(self, u: list[float]) -> tuple[float, list[float]]:
+        """u = [token inputs (3 per token: the experts in schema order, then the classic tokens),
+        normalized features, 1.0] -> (prob_up, attention per expert, with the classic tokens'
+        attention given to the experts behind them)."""
+        n, T, C, C1, nh = self.n, self.T, self.C, self.C1, self.nh
+        b_d, b_x, b_rg, b_wkq = self.blocks
+        o = np.dot(u, self.M)
+        d = o[b_d].reshape(T, C1)
+        d = d / np.sqrt(_rowdot(d, d))[:, None]  # LayerNorm 1 (its gain and bias are in W1)
+        qkv = np.dot(d, self.W1)
+        q = qkv[:n, :nh * C] + self.bq  # (n, nh * C): per head, the other heads' part is 0
+        s = np.dot(q.reshape(n * nh, C), qkv[:, nh * C:(nh + 1) * C].T)  # (n * nh, T)
+        if not self.bounded:
+            s -= np.maximum.reduce(s, axis=1, keepdims=True)
+        np.exp(s, out=s)
+        s /= np.dot(s, self.ones_t)[:, None]
+        # attention output, through the projection: sum over heads and keys
+        x2 = np.dot(s.reshape(n, nh * T), qkv[:, (nh + 1) * C:].reshape(T, nh, C1).transpose(1, 0, 2).reshape(nh * T, C1))
+        x2 += o[b_x].reshape(n, C1)
+        d = np.dot(x2, self.W2)  # [x2 centered | its fc input | x2 + mlp bias, centered]
+        d2 = d[:, :C1]
+        h = d[:, C1:-C1] / np.sqrt(_rowdot(d2, d2))[:, None]  # LayerNorm 2
+        h += self.fc_bias
+        g = h * h  # 2 GELU(h) = h (1 + tanh(c (h + 0.044715 h^3))); the 1/2 is in W3
+        g *= GELU_K
+        g += GELU_C
+        g *= h
+        np.tanh(g, out=g)
+        g += 1.0
+        g *= h
+        d3 = np.dot(g, self.W3)
+        d3 += d[:, -C1:]  # the pooling LayerNorm's input, centered
+        wkq = self.wkq if self.wkq is not None else o[b_wkq].reshape(C1, nh).T
+        sc = np.dot(wkq, d3.T)  # (nh, n)
+        sc /= np.sqrt(_rowdot(d3, d3))
+        if self.skill is not None:
+            sc += self.skill
+        if not self.bounded:
+            sc -= np.maximum.reduce(sc, axis=1, keepdims=True)
+        np.exp(sc, out=sc)
+        rows = np.dot(sc, o[b_rg].reshape(n, -1)).tolist()  # per head: [shares (ne), sum, head logit]
+        ne, inv_nh = self.ne, self.inv_nh
+        z = self.head_bias
+        att = [0.0] * ne
+        for hh, r in enumerate(rows):
+            inv = 1.0 / r[ne]
+            z += r[ne + 1 + hh] * inv
+            inv *= inv_nh
+            for k in range(ne):
+                att[k] += r[k] * inv
+        if z >= 0.0:
+            return 1.0 / (1.0 + math.exp(-z)), att
+        e = math.exp(z)
+        return e / (1.0 + e), att
+
+
 @dataclass(frozen=True)
 class Event:
     """One validated event: experts in request order, features by name."""
@@ -202,9 +434,18 @@ class Schema:
     feature_names: tuple[str, ...] | None  # None: not fixed yet
     missing_features: str = "reject"
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return self.expert_names or tuple(f"model_{i}" for i in range(self.n_models))
+
+    @functools.cached_property
+    def identity(self) -> tuple[int, ...]:
+        """The order of an event whose experts come in schema order (check returns this object)."""
+        return tuple(range(self.n_models))
+
+    @functools.cached_property
+    def _feature_set(self) -> frozenset[str]:
+        return frozenset(self.feature_names or ())
 
     def resolve(self, ev: Event, field: str = "model_outputs") -> Resolved:
         """Map an event with n_models experts onto the schema, or raise FusionInputError. `field` is
@@ -215,14 +456,15 @@ class Schema:
             x=[[prob_logit(e.prob_up), 0.0, 0.0] if e.confidence is None else [prob_logit(e.prob_up), e.confidence, 1.0]
                for e in experts],
             feats=[ev.features.get(n, math.nan) for n in schema],
-            order=order, expert_names=new_expert_names, feature_names=new_feature_names)
+            order=list(order), expert_names=new_expert_names, feature_names=new_feature_names)
 
     def check(self, ev: Event, field: str = "model_outputs"):
         """Validate an event against the schema without building the model's inputs: (order,
-        feature schema, expert names to fix or None, feature names to fix or None)."""
+        feature schema, expert names to fix or None, feature names to fix or None). The order is
+        `identity` when the experts come in schema order."""
         names = [e.name for e in ev.experts]
         new_expert_names = None
-        order = list(range(self.n_models))
+        order: Sequence[int] = self.identity
         if self.expert_names is None:
             if all(names):
                 new_expert_names = tuple(names)
@@ -237,6 +479,8 @@ class Schema:
         schema = self.feature_names
         if schema is None:
             schema = new_feature_names = tuple(sorted(ev.features))
+        elif ev.features.keys() == self._feature_set:  # the usual case: exactly the schema's features
+            return order, schema, new_expert_names, new_feature_names
         unknown = sorted(set(ev.features) - set(schema))
         if unknown:
             raise FusionInputError("features", f"unknown feature(s) {', '.join(unknown)}; the schema is "
@@ -276,12 +520,34 @@ class Snapshot:
     skill_logw: np.ndarray | None = None  # (tokens,) the recent-skill log weights, schema order
     classic: Any = None  # a frozen copy of the learner's ClassicTokens (classic_tokens), never changed
 
+    @functools.cached_property
+    def _shares(self) -> list[list[float]]:
+        return self.classic.shares()
+
+    @functools.cached_property
+    def _forecaster(self) -> Any:
+        return self.classic.forecaster()
+
+    @functools.cached_property
+    def _one(self) -> OneEventNet:
+        """The single-event forward, folded on first use (validation never needs it)."""
+        return OneEventNet(self.net, self.skill_logw, self._shares if self.classic is not None else None)
+
+    def _classic_rows(self, x: Sequence[Sequence[float]]) -> list[list[float]]:
+        """classic_rows, with the snapshot's frozen forecaster."""
+        return [[prob_logit(p), 0.0, 0.0] for p in self._forecaster.predict(expert_probs(x))]
+
     def predict(self, events: Sequence[Event], field: str = "model_outputs") -> list[Prediction | FusionInputError]:
         """One batched forward for the events that the fusion serves; the plain average, with its
         reason, for the others; a FusionInputError in place of an event that does not fit the schema.
 
         Reasons, in order: disabled, wrong_expert_count, warming_up.
         """
+        if len(events) == 1:
+            return [self.predict_one(events[0], field)]
+        return self._predict_batched(events, field)
+
+    def _predict_batched(self, events: Sequence[Event], field: str) -> list[Prediction | FusionInputError]:
         out: list[Prediction | FusionInputError | None] = [None] * len(events)
         fused: list[tuple[int, Resolved]] = []
         for i, ev in enumerate(events):
@@ -303,13 +569,12 @@ class Snapshot:
                     out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
         if fused:
             n = self.schema.n_models
-            x = [r.x + classic_rows(self.classic, expert_probs(r.x)) if self.classic is not None else r.x
-                 for _, r in fused]
+            x = [r.x + self._classic_rows(r.x) if self.classic is not None else r.x for _, r in fused]
             probs, weights = self.net.forward(
                 np.array(x, dtype=np.float64),
                 np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1), self.skill_logw)
             if self.classic is not None:  # attention on an aggregator's token goes to the experts behind it
-                weights = weights[:, :n] + weights[:, n:] @ np.array(self.classic.shares())
+                weights = weights[:, :n] + weights[:, n:] @ np.array(self._shares)
             names = self.schema.names
             for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
                 attention = [("", 0.0)] * n
@@ -317,6 +582,55 @@ class Snapshot:
                     attention[req] = (names[j], w[j])
                 out[i] = Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None, dict(attention), self.version)
         return out  # type: ignore[return-value]
+
+    def predict_one(self, ev: Event, field: str = "model_outputs") -> Prediction | FusionInputError:
+        """predict([ev])[0], through OneEventNet: the same checks in the same order, the same
+        numbers (to rounding). Every single-event forecast of a snapshot takes this path (the first
+        one folds OneEventNet), so that the same event on the same snapshot always gets the same bits.
+        """
+        schema = self.schema
+        if not self.enabled:
+            return average_prediction(ev, REASON_DISABLED, self.version)
+        experts = ev.experts
+        if len(experts) != schema.n_models:
+            return average_prediction(ev, REASON_WRONG_EXPERT_COUNT, self.version)
+        if schema.feature_names is None:  # nothing learned yet
+            return average_prediction(ev, REASON_WARMING_UP, self.version)
+        try:
+            order = schema.check(ev, field)[0]
+        except FusionInputError as e:
+            return e
+        if not self.ready:
+            return average_prediction(ev, REASON_WARMING_UP, self.version)
+        one = self._one
+        u: list[float] = []
+        log, log1p, lo, hi = math.log, math.log1p, PROB_EPS, 1.0 - PROB_EPS
+        for k in order:  # the token inputs: prob_logit inline, a call per value costs more here
+            e = experts[k]
+            p = e.prob_up
+            p = lo if p < lo else (hi if p > hi else p)
+            if e.confidence is None:
+                u += (log(p) - log1p(-p), 0.0, 0.0)
+            else:
+                u += (log(p) - log1p(-p), e.confidence, 1.0)
+        if self.classic is not None:
+            exp = math.exp
+            for p in self._forecaster.predict([1.0 / (1.0 + exp(-v)) for v in u[::3]]):  # expert_probs
+                p = lo if p < lo else (hi if p > hi else p)
+                u += (log(p) - log1p(-p), 0.0, 0.0)
+        feats = ev.features
+        u += one.features([feats.get(name, math.nan) for name in schema.feature_names])
+        u.append(1.0)
+        p_up, w = one.forward(u)
+        names = schema.names
+        if order is schema.identity:
+            attention = dict(zip(names, w))
+        else:
+            pairs = [("", 0.0)] * len(order)
+            for j, req in enumerate(order):
+                pairs[req] = (names[j], w[j])
+            attention = dict(pairs)
+        return Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None, attention, self.version)
 
 
 class ServingStats:
@@ -334,6 +648,15 @@ class ServingStats:
                served: Iterable[Prediction | Exception] | None = None) -> None:
         """Attention from the fusion's forecasts in `predictions`; the last source and reason from
         `served` (what was answered, when the service overrode the fusion), else `predictions`."""
+        if served is None and type(predictions) is list and len(predictions) == 1:  # one forecast
+            p = predictions[0]
+            if type(p) is Prediction:
+                row = [p.attention[n] for n in schema_names] if p.source == SOURCE_FUSION else None
+                with self._lock:
+                    if row is not None:
+                        self._attention.append(row)
+                    self.last_source, self.last_reason = p.source, p.reason
+                return
         predictions = list(predictions)
         last = next((p for p in reversed(list(served) if served is not None else predictions)
                      if isinstance(p, Prediction)), None)

@@ -55,3 +55,138 @@ def test_snapshot_is_immutable():
         snap.w["head"][0] = 1.0
     with pytest.raises(AttributeError):
         snap.n_head = 4
+
+
+# ------------------------------------------------------------------ the single-event path
+def _snapshot_with(n_models: int, cfg: dict, features: bool, missing: bool):
+    """A snapshot of a trained learner (weights moved off their init), with its events."""
+    from titan_fusion.server.fusion import TransformerFusion
+    from titan_fusion.server.inference import Event
+    from titan_fusion.server.synthetic import informative_stream
+
+    config = {"min_samples": 20, "warmup_steps": 5, "batch_size": 8, "val_every": 5, "learning_rate": 3e-2,
+              "missing_features": "mean" if missing else "reject", **cfg}
+    fusion = TransformerFusion(config, n_models=n_models)
+    stream = list(informative_stream(3, 90, n_noise=n_models - 1, features=features))
+    for e, f, d in stream[:60]:
+        fusion.update(e, f, d)
+    events = []
+    for i, (e, f, _) in enumerate(stream[60:]):
+        e = [dict(x) for x in e]
+        if i % 3 == 0:
+            e[0]["confidence"] = 0.25 * (i % 5)
+        if i % 4 == 1:
+            e = e[::-1]  # by name, in another order
+        if missing and f and i % 2:
+            f = {k: v for k, v in f.items() if k != "rsi"}
+        events.append(Event.parse(e, f))
+    return fusion, events
+
+
+@pytest.mark.parametrize("cfg, features, missing", [
+    ({}, True, False),  # the defaults: skill_bias, logit_pool, classic tokens, no identity, EMA
+    ({}, False, False),
+    ({}, True, True),
+    ({"skill_bias": False, "logit_pool": False, "classic_tokens": False, "expert_identity": True, "ema_decay": 0.0},
+     True, False),
+    ({"skill_bias": True, "logit_pool": False, "classic_tokens": False}, True, True),
+    ({"skill_bias": False, "logit_pool": True, "classic_tokens": True, "expert_identity": True}, False, False),
+    ({"num_heads": 4}, True, False),
+    ({"num_heads": 1, "hidden_dim": 16}, True, True),
+])
+def test_single_event_path_equals_batched_and_torch(cfg, features, missing):
+    from titan_fusion.server.inference import Prediction, classic_rows, expert_probs
+
+    fusion, events = _snapshot_with(4, cfg, features, missing)
+    snap = fusion.snapshot()
+    assert snap.ready and snap.net is not None
+    batched = snap.predict(events)
+    for one_bounded in (True, False):
+        if not one_bounded:  # the path that subtracts the softmax maxima, for weights without a bound
+            snap.__dict__.pop("_one")  # a fresh fold (cached per snapshot), forced down that path
+            snap._one.bounded = False
+        for ev, b in zip(events, batched):
+            one = snap.predict([ev])[0]
+            assert isinstance(one, Prediction) and isinstance(b, Prediction)
+            assert one.source == b.source == "fusion"
+            assert abs(one.prob_up - b.prob_up) < 1e-9
+            assert list(one.attention) == list(b.attention)  # request order
+            assert max(abs(one.attention[k] - b.attention[k]) for k in b.attention) < 1e-9
+            assert abs(sum(one.attention.values()) - 1.0) < 1e-12
+            assert snap.predict([ev])[0] == one  # the same bits every time on the same snapshot
+    # and the batched path equals torch in eval mode (the learner's own token inputs)
+    net = fusion._net
+    net.eval()
+    try:
+        if fusion._ema is not None:
+            saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            net.load_state_dict({**saved, **fusion._ema})
+        shift, scale = fusion._norm.shift_scale()
+        for ev, b in zip(events, batched):
+            r = snap.schema.resolve(ev)
+            x = r.x + (classic_rows(fusion._classic, expert_probs(r.x)) if fusion._classic is not None else [])
+            feats = torch.tensor([r.feats], dtype=torch.float64)
+            f = RunningNorm.apply(feats, shift, scale) if net.config.n_features else None
+            skill = fusion._skill[None].float() if net.config.skill_bias else None
+            with torch.no_grad():
+                logits, _, _ = net(torch.tensor([x], dtype=torch.float32), f, skill=skill)
+            assert abs(float(torch.softmax(logits.double(), -1)[0, 0]) - b.prob_up) < 1e-6
+    finally:
+        if fusion._ema is not None:
+            net.load_state_dict(saved)
+        net.train()
+
+
+def test_single_event_path_refuses_and_falls_back_like_the_batched_path():
+    from titan_fusion.server.errors import FusionInputError
+    from titan_fusion.server.inference import Event
+
+    fusion, events = _snapshot_with(4, {}, True, False)
+    snap = fusion.snapshot()
+    bad = [Event.parse([{"prob_up": 0.5, "name": n} for n in ("good", "noise0", "noise1", "other")], {"close": 1.0, "rsi": 2.0}),
+           Event.parse([{"prob_up": 0.5}] * 4, {"close": 1.0}),  # a missing feature
+           Event.parse([{"prob_up": 0.5}] * 4, {"close": 1.0, "rsi": 2.0, "volume": 3.0}),
+           Event.parse([{"prob_up": 0.5}] * 3, {"close": 1.0, "rsi": 2.0})]  # wrong expert count
+    batched = snap.predict(bad + events[:1])
+    for ev, b in zip(bad, batched):
+        one = snap.predict([ev])[0]
+        if isinstance(b, FusionInputError):
+            assert isinstance(one, FusionInputError) and (one.field, str(one)) == (b.field, str(b))
+        else:
+            assert (one.source, one.reason, one.prob_up) == (b.source, b.reason, b.prob_up) == ("average", "wrong_expert_count", 0.5)
+
+
+def test_single_event_net_equals_numpy_net_for_many_shapes():
+    """OneEventNet against NumpyNet.forward on random weights: features or not, heads, skill,
+    logit_pool, identity, classic tokens (shares), both softmax paths."""
+    from titan_fusion.server.inference import OneEventNet
+
+    g = np.random.default_rng(5)
+    for n, nf, heads, skill, pool, ident, ncl in [(4, 3, 2, False, False, True, 0), (4, 0, 2, True, True, False, 0),
+                                                  (7, 2, 2, True, True, False, 3), (7, 0, 4, False, True, True, 3),
+                                                  (1, 1, 1, True, False, True, 0), (6, 5, 4, True, True, True, 2)]:
+        torch.manual_seed(n + nf)
+        net = FusionNet(NetConfig(n, nf, hidden_dim=32, num_heads=heads, skill_bias=skill, logit_pool=pool,
+                                  expert_identity=ident))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        snap = NumpyNet.of(net, g.normal(size=nf), np.abs(g.normal(size=nf)))
+        logw = np.log(g.dirichlet(np.ones(n))) if skill else None
+        ne = n - ncl
+        shares = g.dirichlet(np.ones(ne), size=ncl).tolist() if ncl else None
+        for bounded in (True, False):
+            one = OneEventNet(snap, logw, shares)
+            one.bounded = one.bounded and bounded
+            for _ in range(10):
+                x = np.stack([g.normal(size=n) * 3, g.random(n), (g.random(n) > 0.5) * 1.0], -1)
+                x[ne:, 1:] = 0.0
+                raw = g.normal(size=nf) * 2
+                if nf and g.random() < 0.3:
+                    raw[0] = np.nan  # missing: the running mean
+                p, a = snap.forward(x[None], raw[None], logw)
+                if ncl:
+                    a = a[:, :ne] + a[:, ne:] @ np.array(shares)
+                p1, a1 = one.forward(x.ravel().tolist() + one.features(raw.tolist()) + [1.0])
+                assert abs(p1 - p[0]) < 1e-12
+                assert np.abs(np.array(a1) - a[0]).max() < 1e-12
