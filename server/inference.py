@@ -533,6 +533,15 @@ class Snapshot:
         """The single-event forward, folded on first use (validation never needs it)."""
         return OneEventNet(self.net, self.skill_logw, self._shares if self.classic is not None else None)
 
+    def prepare(self) -> "Snapshot":
+        """Fold what single-event forecasts need now rather than on the first Predict: the model
+        owner calls this before it publishes the snapshot, off the Predict path."""
+        if self.net is not None and self.ready and self.enabled:
+            self._one  # noqa: B018 - the cached fold
+            if self.classic is not None:
+                self._forecaster  # noqa: B018
+        return self
+
     def _classic_rows(self, x: Sequence[Sequence[float]]) -> list[list[float]]:
         """classic_rows, with the snapshot's frozen forecaster."""
         return [[prob_logit(p), 0.0, 0.0] for p in self._forecaster.predict(expert_probs(x))]

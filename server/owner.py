@@ -360,7 +360,7 @@ class ModelOwner:
 
     def _publish(self) -> None:
         t = self._trainer
-        self.published = Published(t.snapshot(), t.serving_stats, t.stats(), self._applied_seq,
+        self.published = Published(t.snapshot().prepare(), t.serving_stats, t.stats(), self._applied_seq,
                                    self._journal_seq, len(self._pending), self._last_checkpoint,
                                    self._scorer.snapshot(), self._last_outcome_time)
         self._on_publish(self.published)
