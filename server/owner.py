@@ -117,10 +117,12 @@ class ModelOwner:
                  queue_size: int = 1024, checkpoint_every: int = 1000,
                  on_publish: Callable[[Published], None] | None = None,
                  on_outcome: Callable[[bool], None] | None = None, scorer: LiveScorer | None = None,
-                 on_checkpoint: Callable[[str, bool], None] | None = None):
+                 on_checkpoint: Callable[[str, bool], None] | None = None,
+                 on_trainer_restart: Callable[[], None] | None = None):
         """`new_trainer` makes the trainer that holds the model (server/trainer.py): called by the
-        owner thread when it starts, and again if a trainer process dies."""
+        owner thread when it starts, and again if a trainer process dies (then `on_trainer_restart`)."""
         self._new_trainer = new_trainer
+        self._on_trainer_restart = on_trainer_restart or (lambda: None)
         self._trainer: Trainer | None = None
         self.trainer_restarts = 0
         self._scorer = scorer or LiveScorer()
@@ -352,6 +354,7 @@ class ModelOwner:
         self._trainer.close()
         self._trainer = self._new_trainer()
         self.trainer_restarts += 1
+        self._on_trainer_restart()
         applied = self._applied_seq
         info, replayed = self._rebuild(applied, score=False)
         self._applied_seq = applied

@@ -362,6 +362,7 @@ class FusionService:
                                 checkpoint_every=config.checkpoint_every, on_publish=self._published,
                                 on_outcome=lambda dup: self.metrics.count_outcome(dup),
                                 on_checkpoint=self.metrics.count_checkpoint,
+                                on_trainer_restart=self.metrics.trainer_restarts.inc,
                                 scorer=LiveScorer(config.live_window, config.underperform_margin,
                                                   config.underperform_min_outcomes))
         self.predictor = Predictor(self.owner, max_pending=config.predict_queue_size,

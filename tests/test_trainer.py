@@ -128,6 +128,7 @@ def test_a_killed_trainer_is_restarted_and_the_model_is_the_same(tmp_path: Path)
         acks = learn(c, evs[90:], "k", start_index=90)
         assert [a.samples_trained for a in acks] == list(range(91, 151))
         assert svc.owner.trainer_restarts == 1 and svc.owner.trainer.pid != first
+        assert running.sample("fusion_trainer_restarts_total") == 1
         served = predictions(c, PROBES)
     finally:
         running.close()
