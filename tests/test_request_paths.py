@@ -119,3 +119,65 @@ def test_outcome_rows():
         got = outcome(outcome_from_proto, req)
         assert got[0] == "error" and got[1][0] == field, (req, got)
     assert not math.isnan(ok[1][0].experts[0].prob_up)
+
+
+# ---------------------------------------------------------------- Predictor: lone and concurrent Predicts
+
+def test_concurrent_predicts_each_get_their_own_answer(tmp_path):
+    """Many threads predicting at once, batched by whichever holds the lock (a slow override
+    makes them queue): each gets the forecast of its own event, none waits forever, and Predicts
+    with an event_id are kept for RecordOutcome."""
+    import threading
+    import time
+
+    from service_helpers import events, start
+
+    svc, port, _ = start(tmp_path / "data")
+    try:
+        from titan_fusion.client import FusionClient
+        with FusionClient(f"127.0.0.1:{port}", timeout=30, fallback=False) as client:
+            client.record_outcomes([{"experts": e, "features": f, "actual_direction": d, "event_id": f"w{i}"}
+                                    for i, (e, f, d) in enumerate(events(3, 60))])
+            deadline = time.monotonic() + 30
+            while client.stats()["service"]["training_lag"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        from titan_fusion.server.inference import Event as Ev
+        evs = [Ev.parse(e, f) for e, f, _ in events(9, 64)]
+        pub = svc.owner.published
+        want = [pub.snapshot.predict([ev], "experts")[0] for ev in evs]
+        batches = []
+
+        def slow(preds):
+            batches.append(len(preds))
+            time.sleep(0.002)
+            return preds
+        svc.predictor.override = slow
+        got: dict[int, object] = {}
+        start_line = threading.Barrier(16)
+
+        def worker(k):
+            start_line.wait()
+            for i in range(k, len(evs), 16):
+                got[i] = svc.predictor.predict(evs[i], f"p{i}" if i % 2 else "", time.monotonic() + 30)
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert sum(batches) == len(evs) and sorted(got) == list(range(len(evs)))
+        for i, p in got.items():
+            assert p.prob_up == pytest.approx(want[i].prob_up, abs=1e-12) and p.attention == pytest.approx(want[i].attention)
+        assert svc.predictor.depth == 0
+        svc.predictor.override = None
+        # a lone Predict whose deadline has passed is not computed
+        from titan_fusion.server.errors import DeadlineExpiredError
+        with pytest.raises(DeadlineExpiredError):
+            svc.predictor.predict(evs[0], "", time.monotonic() - 1)
+        # the Predicts with an event_id were kept: RecordOutcome by event_id alone finds them
+        with FusionClient(f"127.0.0.1:{port}", timeout=30, fallback=False) as client:
+            ack = client.record_outcome(event_id="p1", actual_direction="UP")
+            assert ack.used_predict_inputs and not ack.duplicate
+    finally:
+        svc.stop(grace=1)
