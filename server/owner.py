@@ -298,12 +298,16 @@ class ModelOwner:
                 fut.set_result(result)
 
     # ------------------------------------------------------------------ outcomes
-    def _validate(self, event: Event | None, event_id: str,
-                  bulk: bool = False) -> tuple[Event | None, bool, Predicted | None]:
+    def _validate(self, event: Event | None, event_id: str, bulk: bool = False,
+                  checked: dict | None = None) -> tuple[Event | None, bool, Predicted | None]:
         """Resolve an outcome's inputs (from an earlier Predict if it has none) and check them
         against the schema as of the journal's head. Returns (event, from_predict, the Predict with
         this event_id if any); event None means a duplicate known only by its event_id. Raises
-        FusionInputError."""
+        FusionInputError.
+
+        `checked` (a bulk chunk's): the expert names and feature names already found to fit, each
+        with the schema they fit. The check depends on those names and the schema only, so rows
+        that repeat them (a replay's rows all do) are not checked again while the schema stands."""
         from_predict = False
         # A bulk row that carries its inputs is history, not a Predict this service served: no lookup.
         predicted = self._journal.predicted(event_id) if event_id and (event is None or not bulk) else None
@@ -319,11 +323,17 @@ class ModelOwner:
         if len(event.experts) != schema.n_models:
             raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
                                    "an outcome with another expert count cannot be learned")
+        if checked is not None:
+            key = (tuple([e.name for e in event.experts]), tuple(event.features))
+            if checked.get(key) is schema:
+                return event, from_predict, predicted
         _, _, new_names, new_features = schema.check(event, "experts")
         if new_names is not None or new_features is not None:
             self._schema_ahead = replace(
                 schema, expert_names=schema.expert_names or new_names,
                 feature_names=schema.feature_names if schema.feature_names is not None else new_features)
+        elif checked is not None:
+            checked[key] = schema
         return event, from_predict, predicted
 
     def _journal_rows(self, rows: list[tuple[Event | None, str, int]]) -> list[int | None] | Exception:
@@ -367,30 +377,49 @@ class ModelOwner:
                 self._pending.append(_Pending(seq, event, label, w.future, from_predict, predicted))
 
     def _commit_bulk(self, w: _Work) -> None:
-        """RecordOutcomes chunk: validate, journal in one transaction, answer at once (before
-        learning: bulk replay lets training trail the journal)."""
+        """RecordOutcomes chunk: convert, validate, journal in one transaction, answer at once
+        (before learning: bulk replay lets training trail the journal).
+
+        The payload is (rows, convert): rows [(index, row as received)], and convert(row) ->
+        ((event, event_id, label), "", None), or (None, event_id, FusionInputError) for a row
+        that is refused. Converting here rather than on the handler thread lets that thread
+        receive the stream's next rows meanwhile."""
         if w.deadline is not None and time.monotonic() > w.deadline:
             w.future.set_exception(DeadlineExpiredError("the deadline passed while the chunk was queued"))
             return
         results: list[tuple[str, Any]] = []
         rows = []
-        for index, (event, event_id, label) in w.payload:
-            try:
-                event, _, predicted = self._validate(event, event_id, bulk=True)
-            except FusionInputError as e:
-                results.append(("rejected", (index, event_id, e)))
-                continue
-            rows.append((index, event, event_id, label, predicted))
+        checked: dict = {}
+        validate = self._validate
+        chunk, convert = w.payload
+        try:
+            for index, raw in chunk:
+                outcome, bad_id, error = convert(raw)
+                if error is not None:
+                    results.append(("rejected", (index, bad_id, error)))
+                    continue
+                event, event_id, label = outcome
+                try:
+                    event, _, predicted = validate(event, event_id, True, checked)
+                except FusionInputError as e:
+                    results.append(("rejected", (index, event_id, e)))
+                    continue
+                rows.append((index, event, event_id, label, predicted))
+        except Exception as e:  # a bug: the stream fails (INTERNAL), the owner carries on
+            log.exception("converting a RecordOutcomes chunk failed")
+            w.future.set_exception(e)
+            return
         seqs = self._journal_rows([(ev, eid, label) for _, ev, eid, label, _ in rows])
         if isinstance(seqs, Exception):
             w.future.set_exception(seqs)
             return
+        pending = self._pending
         for (index, event, event_id, label, predicted), seq in zip(rows, seqs):
             if seq is None:
                 self._on_outcome(True)
                 results.append(("duplicate", (index, event_id)))
             else:
-                self._pending.append(_Pending(seq, event, label, None, False, predicted))
+                pending.append(_Pending(seq, event, label, None, False, predicted))
                 results.append(("accepted", (index, seq)))
         w.future.set_result(BulkAck(results, self._journal_seq))
 

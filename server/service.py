@@ -203,6 +203,16 @@ def outcome_from_proto(request: pb.RecordOutcomeRequest) -> tuple[Event | None, 
     return None, event_id, label
 
 
+def bulk_row(request: pb.RecordOutcomeRequest) -> tuple[tuple[Event | None, str, int] | None, str,
+                                                       FusionInputError | None]:
+    """A RecordOutcomes row, converted by the model owner: (outcome, "", None), or (None, the
+    row's event_id as far as it can be reported, the error) for a row that is refused."""
+    try:
+        return outcome_from_proto(request), "", None
+    except FusionInputError as e:
+        return None, request.event_id[:MAX_EVENT_ID_LENGTH], e
+
+
 def prediction_to_proto(p: Prediction, event_id: str) -> pb.PredictResponse:
     # Fields left at their default are not set: the same message, built with fewer operations.
     r = _PredictResponse(prob_up=p.prob_up, prob_down=p.prob_down, source=SOURCE_TO_PB[p.source],
@@ -297,6 +307,8 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                 resp.rejected_outcomes.add(index=index, event_id=event_id, code=status_of(error).name,
                                            message=str(error))
 
+        # The rows go to the owner as they came, converted there (bulk_row): this thread only
+        # receives, so that receiving the next row never waits for converting the last one.
         chunk: list = []
         rows = enumerate(request_iterator)
         while True:
@@ -307,17 +319,14 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
             except grpc.RpcError:  # the client cancelled or broke the stream: what was sent stays sent
                 log.info("a RecordOutcomes stream ended early after %d rows", resp.accepted + resp.rejected)
                 raise ClientGoneError("the client ended the stream") from None
-            try:
-                chunk.append((index, outcome_from_proto(request)))
-            except FusionInputError as e:
-                reject(index, request.event_id[:MAX_EVENT_ID_LENGTH], e)
+            chunk.append((index, request))
             if len(chunk) >= BULK_CHUNK:
-                inflight.append(self._owner.submit("bulk", chunk, deadline, block=True))
+                inflight.append(self._owner.submit("bulk", (chunk, bulk_row), deadline, block=True))
                 chunk = []
                 while len(inflight) > BULK_INFLIGHT:  # back-pressure: at most this many chunks queued
                     collect(inflight.popleft())
         if chunk:
-            inflight.append(self._owner.submit("bulk", chunk, deadline, block=True))
+            inflight.append(self._owner.submit("bulk", (chunk, bulk_row), deadline, block=True))
         while inflight:
             collect(inflight.popleft())
         self._counters.add("outcomes", resp.accepted)
