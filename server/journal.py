@@ -50,10 +50,14 @@ CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
 PRUNE_EVERY = 1024  # remembered predictions between two prunings of the predictions table
 
 
+# json.dumps(obj, separators=(",", ":")) builds this same encoder on every call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+SEQ_CHECK_CHUNK = 500  # event_ids per "IN (...)" query (SQLite allows 32,766 parameters)
+
+
 def encode_event(ev: Event) -> str:
     """Compact JSON for an event; floats round-trip exactly (repr)."""
-    return json.dumps({"e": [[x.prob_up, x.confidence, x.name] for x in ev.experts],
-                       "f": dict(ev.features)}, separators=(",", ":"))
+    return _encode({"e": [[x.prob_up, x.confidence, x.name] for x in ev.experts], "f": dict(ev.features)})
 
 
 def decode_event(payload: str) -> Event:
@@ -100,19 +104,66 @@ class Journal:
     def append_outcomes(self, items: Sequence[tuple[str | None, Event, int]]) -> list[int | None]:
         """Commit outcomes in one transaction. Returns each one's seq, or None for a duplicate
         event_id (already journaled, or earlier in the same batch)."""
-        seqs: list[int | None] = []
         now = time.time()
+        rows = [(event_id, encode_event(event), label, now) for event_id, event, label in items]
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            for event_id, event, label in items:
-                cur.execute("INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at) VALUES (?, ?, ?, ?)",
-                            (event_id, encode_event(event), label, now))
-                seqs.append(cur.lastrowid if cur.rowcount == 1 else None)
+            seqs = self._insert_many(cur, rows)
+            if seqs is None:  # not what SQLite was expected to do: start again, one row at a time
+                cur.execute("ROLLBACK")
+                cur.execute("BEGIN IMMEDIATE")
+                seqs = self._insert_each(cur, rows)
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            if self._db.in_transaction:
+                cur.execute("ROLLBACK")
             raise
+        return seqs
+
+    @staticmethod
+    def _insert_each(cur: sqlite3.Cursor, rows: list[tuple]) -> list[int | None]:
+        seqs: list[int | None] = []
+        for row in rows:
+            cur.execute("INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at) VALUES (?, ?, ?, ?)", row)
+            seqs.append(cur.lastrowid if cur.rowcount == 1 else None)
+        return seqs
+
+    @staticmethod
+    def _insert_many(cur: sqlite3.Cursor, rows: list[tuple]) -> list[int | None] | None:
+        """The rows in one executemany: the duplicates are found first (one indexed query per
+        SEQ_CHECK_CHUNK event_ids), and the others get consecutive seqs from the AUTOINCREMENT
+        counter (this connection is the only writer, inside BEGIN IMMEDIATE). None if the counter
+        did not move as expected (nothing is then to be committed)."""
+        ids = [r[0] for r in rows if r[0] is not None]
+        seen: set[str] = set()
+        for k in range(0, len(ids), SEQ_CHECK_CHUNK):
+            part = ids[k:k + SEQ_CHECK_CHUNK]
+            seen.update(e for (e,) in cur.execute(
+                f"SELECT event_id FROM outcomes WHERE event_id IN ({','.join('?' * len(part))})", part))
+        fresh = []
+        seqs: list[int | None] = []
+        row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outcomes'").fetchone()
+        top = cur.execute("SELECT MAX(seq) FROM outcomes").fetchone()[0]
+        seq = max(row[0] if row else 0, top or 0)
+        for r in rows:
+            event_id = r[0]
+            if event_id is not None:
+                if event_id in seen:
+                    seqs.append(None)
+                    continue
+                seen.add(event_id)
+            seq += 1
+            seqs.append(seq)
+            fresh.append(r)
+        if not fresh:
+            return seqs
+        cur.executemany("INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at) VALUES (?, ?, ?, ?)",
+                        fresh)
+        inserted = cur.rowcount  # summed over the rows
+        row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outcomes'").fetchone()
+        if inserted != len(fresh) or row is None or row[0] != seq:
+            return None
         return seqs
 
     def has_outcome(self, event_id: str) -> bool:

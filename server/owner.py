@@ -382,12 +382,16 @@ class ModelOwner:
                 fut.set_result(result)
 
     # ------------------------------------------------------------------ outcomes
-    def _validate(self, event: Event | None, event_id: str,
-                  bulk: bool = False) -> tuple[Event | None, bool, Predicted | None]:
+    def _validate(self, event: Event | None, event_id: str, bulk: bool = False,
+                  checked: dict | None = None) -> tuple[Event | None, bool, Predicted | None]:
         """Resolve an outcome's inputs (from an earlier Predict if it has none) and check them
         against the schema as of the journal's head. Returns (event, from_predict, the Predict with
         this event_id if any); event None means a duplicate known only by its event_id. Raises
-        FusionInputError."""
+        FusionInputError.
+
+        `checked` (a bulk chunk's): the expert names and feature names already found to fit, each
+        with the schema they fit. The check depends on those names and the schema only, so rows
+        that repeat them (a replay's rows all do) are not checked again while the schema stands."""
         from_predict = False
         # A bulk row that carries its inputs is history, not a Predict this service served: no lookup.
         predicted = self._journal.predicted(event_id) if event_id and (event is None or not bulk) else None
@@ -403,11 +407,17 @@ class ModelOwner:
         if len(event.experts) != schema.n_models:
             raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
                                    "an outcome with another expert count cannot be learned")
+        if checked is not None:
+            key = (tuple([e.name for e in event.experts]), tuple(event.features))
+            if checked.get(key) is schema:
+                return event, from_predict, predicted
         _, _, new_names, new_features = schema.check(event, "experts")
         if new_names is not None or new_features is not None:
             self._schema_ahead = replace(
                 schema, expert_names=schema.expert_names or new_names,
                 feature_names=schema.feature_names if schema.feature_names is not None else new_features)
+        elif checked is not None:
+            checked[key] = schema
         return event, from_predict, predicted
 
     def _journal_rows(self, rows: list[tuple[Event | None, str, int]]) -> list[int | None] | Exception:
@@ -451,30 +461,49 @@ class ModelOwner:
                 self._pending.append(_Pending(seq, event, label, w.future, from_predict, predicted))
 
     def _commit_bulk(self, w: _Work) -> None:
-        """RecordOutcomes chunk: validate, journal in one transaction, answer at once (before
-        learning: bulk replay lets training trail the journal)."""
+        """RecordOutcomes chunk: convert, validate, journal in one transaction, answer at once
+        (before learning: bulk replay lets training trail the journal).
+
+        The payload is (rows, convert): rows [(index, row as received)], and convert(row) ->
+        ((event, event_id, label), "", None), or (None, event_id, FusionInputError) for a row
+        that is refused. Converting here rather than on the handler thread lets that thread
+        receive the stream's next rows meanwhile."""
         if w.deadline is not None and time.monotonic() > w.deadline:
             w.future.set_exception(DeadlineExpiredError("the deadline passed while the chunk was queued"))
             return
         results: list[tuple[str, Any]] = []
         rows = []
-        for index, (event, event_id, label) in w.payload:
-            try:
-                event, _, predicted = self._validate(event, event_id, bulk=True)
-            except FusionInputError as e:
-                results.append(("rejected", (index, event_id, e)))
-                continue
-            rows.append((index, event, event_id, label, predicted))
+        checked: dict = {}
+        validate = self._validate
+        chunk, convert = w.payload
+        try:
+            for index, raw in chunk:
+                outcome, bad_id, error = convert(raw)
+                if error is not None:
+                    results.append(("rejected", (index, bad_id, error)))
+                    continue
+                event, event_id, label = outcome
+                try:
+                    event, _, predicted = validate(event, event_id, True, checked)
+                except FusionInputError as e:
+                    results.append(("rejected", (index, event_id, e)))
+                    continue
+                rows.append((index, event, event_id, label, predicted))
+        except Exception as e:  # a bug: the stream fails (INTERNAL), the owner carries on
+            log.exception("converting a RecordOutcomes chunk failed")
+            w.future.set_exception(e)
+            return
         seqs = self._journal_rows([(ev, eid, label) for _, ev, eid, label, _ in rows])
         if isinstance(seqs, Exception):
             w.future.set_exception(seqs)
             return
+        pending = self._pending
         for (index, event, event_id, label, predicted), seq in zip(rows, seqs):
             if seq is None:
                 self._on_outcome(True)
                 results.append(("duplicate", (index, event_id)))
             else:
-                self._pending.append(_Pending(seq, event, label, None, False, predicted))
+                pending.append(_Pending(seq, event, label, None, False, predicted))
                 results.append(("accepted", (index, seq)))
         w.future.set_result(BulkAck(results, self._journal_seq))
 
@@ -590,16 +619,31 @@ class ModelOwner:
 
 
 class _Slot:
+    """A queued Predict. `done` is a lock held until the result is in: the waiting thread blocks on
+    acquiring it, the thread that computed the result releases it (cheaper than a threading.Event)."""
+
     __slots__ = ("event", "event_id", "deadline", "done", "result")
 
     def __init__(self, event: Event, event_id: str, deadline: float | None):
         self.event, self.event_id, self.deadline = event, event_id, deadline
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.result: Prediction | Exception | None = None
+
+    def finish(self, result: Prediction | Exception) -> None:
+        self.result = result
+        self.done.release()
 
 
 class Predictor:
-    """Answers Predicts from the owner's published snapshot by flat combining (see module doc)."""
+    """Answers Predicts from the owner's published snapshot by flat combining (see module doc).
+
+    A Predict that finds nothing queued and nobody computing is computed at once in its own thread,
+    without a slot. Otherwise it queues a slot, and whichever thread holds the lock computes every
+    queued slot in batches. A thread that releases the lock looks at the queue once more after
+    releasing it: a Predict queued while the lock was held is then served by it, or by its own
+    thread, whose attempt to take the lock comes after its queueing and so after that release.
+    """
 
     def __init__(self, owner: ModelOwner, *, max_pending: int = 1024,
                  on_predictions: Callable[[Sequence[Prediction | Exception]], None] | None = None):
@@ -615,65 +659,97 @@ class Predictor:
         return len(self._pending)
 
     def predict(self, event: Event, event_id: str = "", deadline: float | None = None) -> Prediction:
-        if self._owner.published is None or not self._owner.ready.is_set():
+        owner = self._owner
+        if owner.published is None or not owner.ready.is_set():
             raise NotReadyError("the service is starting: loading its checkpoint and replaying its journal")
-        if len(self._pending) >= self._max_pending:
-            raise OverloadedError(f"too many Predicts waiting ({self._max_pending})")
-        slot = _Slot(event, event_id, deadline)
-        self._pending.append(slot)
-        while not slot.done.is_set():
-            if self._lock.acquire(blocking=False):
-                try:
-                    self._serve_pending()
-                finally:
-                    self._lock.release()
-                # A Predict queued after our last look, whose thread found the lock taken, is
-                # served on the next turn of this loop (or by its own thread).
-                if self._pending:
-                    continue
-            else:
-                slot.done.wait(0.005)
-        if isinstance(slot.result, Exception):
-            raise slot.result
-        return slot.result
+        lock = self._lock
+        if not self._pending and lock.acquire(False):  # alone: compute here, no slot, no hand-off
+            try:
+                if deadline is not None and time.monotonic() > deadline:
+                    result: Prediction | Exception = DeadlineExpiredError(
+                        "the deadline passed while the Predict was queued")
+                else:
+                    [result] = self._compute([event], [event_id])
+            finally:
+                lock.release()
+            if self._pending:  # queued while we computed
+                self._help()
+        else:
+            if len(self._pending) >= self._max_pending:
+                raise OverloadedError(f"too many Predicts waiting ({self._max_pending})")
+            slot = _Slot(event, event_id, deadline)
+            self._pending.append(slot)
+            done = slot.done
+            while True:
+                if lock.acquire(False):
+                    try:
+                        self._serve_pending()
+                    finally:
+                        lock.release()
+                    if self._pending:
+                        self._help()
+                # Served (by us or by the thread holding the lock); else that thread will look at
+                # the queue again after releasing the lock, or we take it on the next turn.
+                if done.acquire(timeout=0.005):
+                    break
+            result = slot.result
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _help(self) -> None:
+        """Serve what is queued while nobody else does."""
+        lock = self._lock
+        while self._pending and lock.acquire(False):
+            try:
+                self._serve_pending()
+            finally:
+                lock.release()
 
     def _serve_pending(self) -> None:
-        while self._pending:
+        pending = self._pending
+        while pending:
             batch: list[_Slot] = []
             now = time.monotonic()
-            while self._pending and len(batch) < MAX_PREDICT_BATCH:
-                s = self._pending.popleft()
+            while pending and len(batch) < MAX_PREDICT_BATCH:
+                s = pending.popleft()
                 if s.deadline is not None and now > s.deadline:
-                    s.result = DeadlineExpiredError("the deadline passed while the Predict was queued")
-                    s.done.set()
+                    s.finish(DeadlineExpiredError("the deadline passed while the Predict was queued"))
                 else:
                     batch.append(s)
-            if not batch:
-                continue
-            pub = self._owner.published
-            try:
-                preds: list[Prediction | Exception] = pub.snapshot.predict([s.event for s in batch], "experts")
-                if self.override is not None:
-                    preds = self.override(preds)
-                fused = list(preds)
-                remember = []
-                for i, (s, p) in enumerate(zip(batch, preds)):
-                    if not isinstance(p, Prediction):
-                        continue
-                    fusion = p.prob_up if p.source == SOURCE_FUSION else None
-                    if fusion is not None and pub.live["underperforming"]:
-                        preds[i] = p = average_prediction(s.event, REASON_UNDERPERFORMING, p.model_version)
-                    if s.event_id:
-                        remember.append((s.event_id, s.event, p.prob_up, fusion, plain_average(s.event.experts)))
-                pub.serving.record(fused, pub.snapshot.schema.names, served=preds)  # attention: served or not
-                if remember and not self._owner.remember(remember):
-                    refused = OverloadedError("the model owner's queue is full: the inputs of a Predict with an "
-                                              "event_id cannot be kept; retry, or predict without event_id")
-                    preds = [refused if isinstance(p, Prediction) and s.event_id else p for s, p in zip(batch, preds)]
-                self._on_predictions(preds)
-            except Exception as e:  # a bug: every Predict of the batch gets it, none hangs
-                log.exception("batched predict failed")
-                preds = [e] * len(batch)
-            for s, p in zip(batch, preds):
-                s.result = p
-                s.done.set()
+            if batch:
+                for s, p in zip(batch, self._compute([s.event for s in batch], [s.event_id for s in batch])):
+                    s.finish(p)
+
+    def _compute(self, events: list[Event], event_ids: list[str]) -> list[Prediction | Exception]:
+        """One batched forward with the newest published snapshot; never raises."""
+        pub = self._owner.published
+        try:
+            preds: list[Prediction | Exception] = pub.snapshot.predict(events, "experts")
+            if self.override is not None:
+                preds = self.override(preds)
+            fused = preds  # what the fusion said, for the attention statistics
+            underperforming = pub.live["underperforming"]
+            remember = []
+            for i, p in enumerate(preds):
+                if not isinstance(p, Prediction):
+                    continue
+                fusion = p.prob_up if p.source == SOURCE_FUSION else None
+                if fusion is not None and underperforming:
+                    if fused is preds:
+                        preds = list(preds)
+                    preds[i] = p = average_prediction(events[i], REASON_UNDERPERFORMING, p.model_version)
+                if event_ids[i]:
+                    ev = events[i]
+                    remember.append((event_ids[i], ev, p.prob_up, fusion, plain_average(ev.experts)))
+            # attention: served or not; the last source and reason: what was served
+            pub.serving.record(fused, pub.snapshot.schema.names, served=None if fused is preds else preds)
+            if remember and not self._owner.remember(remember):
+                refused = OverloadedError("the model owner's queue is full: the inputs of a Predict with an "
+                                          "event_id cannot be kept; retry, or predict without event_id")
+                preds = [refused if isinstance(p, Prediction) and eid else p for eid, p in zip(event_ids, preds)]
+            self._on_predictions(preds)
+        except Exception as e:  # a bug: every Predict of the batch gets it, none hangs
+            log.exception("batched predict failed")
+            preds = [e] * len(events)
+        return preds

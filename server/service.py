@@ -41,7 +41,8 @@ from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, DeadlineExpiredError, FusionError,
                      FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
                      ShuttingDownError, TrainerDiedError, UnknownEventError)
-from .events import MAX_EVENT_ID_LENGTH, parse_event_id, parse_expert_fields, parse_features
+from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURES, MAX_NAME_LENGTH, PROB_SUM_TOLERANCE, Expert,
+                     parse_event_id, parse_expert_fields, parse_features)
 from .fusion import TransformerFusion
 from .inference import Event, Prediction
 from .journal import Journal
@@ -77,6 +78,7 @@ REASON_TO_PB = {None: pb.FALLBACK_REASON_UNSPECIFIED, "disabled": pb.FALLBACK_RE
                 "wrong_expert_count": pb.FALLBACK_REASON_WRONG_EXPERT_COUNT,
                 "underperforming": pb.FALLBACK_REASON_UNDERPERFORMING}
 DIRECTION_FROM_PB = {pb.DIRECTION_UP: 1, pb.DIRECTION_DOWN: 0}
+_PredictResponse = pb.PredictResponse
 BULK_CHUNK = 512  # RecordOutcomes rows per owner work item (one journal transaction)
 BULK_INFLIGHT = 2  # chunks of one stream queued at the owner at once
 MAX_LISTED_REJECTIONS = 100
@@ -95,9 +97,8 @@ def _rpc(method: str) -> Callable:
         @functools.wraps(fn)
         def handler(self: "FusionServicer", request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            code: grpc.StatusCode | None = None
             try:
-                return fn(self, request, context)
+                result = fn(self, request, context)
             except FusionError as e:
                 code = status_of(e)
                 if code is grpc.StatusCode.INTERNAL:
@@ -108,8 +109,10 @@ def _rpc(method: str) -> Callable:
             except Exception:
                 code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
                 log.exception("%s failed", method)
-            finally:
-                self._metrics.observe_rpc(method, time.perf_counter() - started, code.name if code else None)
+            else:
+                self._metrics.rpc_duration[method].observe(time.perf_counter() - started)  # bound child
+                return result
+            self._metrics.observe_rpc(method, time.perf_counter() - started, code.name)
             self._counters.add("errors")
             context.abort(code, message)
         return handler
@@ -133,6 +136,50 @@ class _Counters:
 
 
 def event_from_proto(experts: Any, features: Any) -> Event:
+    """An Event from a request's repeated ExpertForecast and features map.
+
+    The common request (every expert with prob_up in (0, 1], an optional prob_down that sums with
+    it to 1, an optional confidence in [0, 1], names unique and short; finite features with short
+    non-empty names) is converted with as few Python operations as possible. Anything else goes
+    through the parsers of server/events.py, which refuse it naming the field, so that the fast path
+    never decides an error message: it only accepts what they would accept, with the same result.
+    """
+    n = len(experts)
+    if 0 < n <= MAX_EXPERTS:
+        out = []
+        named = 0
+        names = set()
+        for e in experts:
+            up = e.prob_up
+            # 0.0 may be unset (proto3 optional reads 0.0): the parsers tell required from 0.
+            if not 0.0 < up <= 1.0:  # also NaN
+                break
+            down = e.prob_down
+            if (down or e.HasField("prob_down")) and not (
+                    0.0 <= down <= 1.0 and abs(up + down - 1.0) <= PROB_SUM_TOLERANCE):
+                break
+            confidence = e.confidence
+            if confidence or e.HasField("confidence"):
+                if not 0.0 <= confidence <= 1.0:
+                    break
+            else:
+                confidence = None
+            name = e.name
+            if name:
+                if len(name) > MAX_NAME_LENGTH:
+                    break
+                names.add(name)
+                named += 1
+                out.append(Expert(up, confidence, name))
+            else:
+                out.append(Expert(up, confidence, None))
+        else:
+            if len(names) == named:  # no duplicate names
+                feats = dict(features)
+                if len(feats) <= MAX_FEATURES and "" not in feats:
+                    total = sum(feats.values())  # NaN or an infinity makes it non-finite
+                    if total - total == 0.0 and (not feats or max(map(len, feats)) <= MAX_NAME_LENGTH):
+                        return Event(tuple(out), feats)
     rows = [(e.prob_up if e.HasField("prob_up") else None, e.prob_down if e.HasField("prob_down") else None,
              e.confidence if e.HasField("confidence") else None, e.name or None) for e in experts]
     return Event(parse_expert_fields(rows, "experts"), parse_features(dict(features)))
@@ -145,9 +192,12 @@ def outcome_from_proto(request: pb.RecordOutcomeRequest) -> tuple[Event | None, 
         d = request.actual_direction
         raise FusionInputError("actual_direction", "must be DIRECTION_UP or DIRECTION_DOWN, got "
                                f"{pb.Direction.Name(d) if d in pb.Direction.values() else d}")
-    event_id = parse_event_id(request.event_id)
-    if request.experts:
-        return event_from_proto(request.experts, request.features), event_id, label
+    event_id = request.event_id
+    if event_id and not (len(event_id) <= MAX_EVENT_ID_LENGTH and event_id.isprintable()):
+        parse_event_id(event_id)  # raises, naming the field
+    experts = request.experts
+    if experts:
+        return event_from_proto(experts, request.features), event_id, label
     if request.features:
         raise FusionInputError("experts", "features were sent without experts")
     if not event_id:
@@ -155,11 +205,24 @@ def outcome_from_proto(request: pb.RecordOutcomeRequest) -> tuple[Event | None, 
     return None, event_id, label
 
 
+def bulk_row(request: pb.RecordOutcomeRequest) -> tuple[tuple[Event | None, str, int] | None, str,
+                                                       FusionInputError | None]:
+    """A RecordOutcomes row, converted by the model owner: (outcome, "", None), or (None, the
+    row's event_id as far as it can be reported, the error) for a row that is refused."""
+    try:
+        return outcome_from_proto(request), "", None
+    except FusionInputError as e:
+        return None, request.event_id[:MAX_EVENT_ID_LENGTH], e
+
+
 def prediction_to_proto(p: Prediction, event_id: str) -> pb.PredictResponse:
-    return pb.PredictResponse(
-        prob_up=p.prob_up, prob_down=p.prob_down, source=SOURCE_TO_PB[p.source], reason=REASON_TO_PB[p.reason],
-        attention=[pb.ExpertWeight(name=n, weight=w) for n, w in p.attention.items()],
-        model_version=p.model_version, event_id=event_id)
+    # Fields left at their default are not set: the same message, built with fewer operations.
+    r = _PredictResponse(prob_up=p.prob_up, prob_down=p.prob_down, source=SOURCE_TO_PB[p.source],
+                         reason=REASON_TO_PB[p.reason], model_version=p.model_version, event_id=event_id)
+    add = r.attention.add
+    for n, w in p.attention.items():
+        add(name=n, weight=w)
+    return r
 
 
 def live_to_proto(live: dict) -> pb.LiveScores:
@@ -207,7 +270,9 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
     @_rpc("Predict")
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         event = event_from_proto(request.experts, request.features)
-        event_id = parse_event_id(request.event_id)
+        event_id = request.event_id
+        if event_id and not (len(event_id) <= MAX_EVENT_ID_LENGTH and event_id.isprintable()):
+            parse_event_id(event_id)  # raises, naming the field
         p = self._predictor.predict(event, event_id, _deadline(context))
         self._counters.add("predictions")
         return prediction_to_proto(p, event_id)
@@ -244,6 +309,8 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                 resp.rejected_outcomes.add(index=index, event_id=event_id, code=status_of(error).name,
                                            message=str(error))
 
+        # The rows go to the owner as they came, converted there (bulk_row): this thread only
+        # receives, so that receiving the next row never waits for converting the last one.
         chunk: list = []
         rows = enumerate(request_iterator)
         while True:
@@ -254,17 +321,14 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
             except grpc.RpcError:  # the client cancelled or broke the stream: what was sent stays sent
                 log.info("a RecordOutcomes stream ended early after %d rows", resp.accepted + resp.rejected)
                 raise ClientGoneError("the client ended the stream") from None
-            try:
-                chunk.append((index, outcome_from_proto(request)))
-            except FusionInputError as e:
-                reject(index, request.event_id[:MAX_EVENT_ID_LENGTH], e)
+            chunk.append((index, request))
             if len(chunk) >= BULK_CHUNK:
-                inflight.append(self._owner.submit("bulk", chunk, deadline, block=True))
+                inflight.append(self._owner.submit("bulk", (chunk, bulk_row), deadline, block=True))
                 chunk = []
                 while len(inflight) > BULK_INFLIGHT:  # back-pressure: at most this many chunks queued
                     collect(inflight.popleft())
         if chunk:
-            inflight.append(self._owner.submit("bulk", chunk, deadline, block=True))
+            inflight.append(self._owner.submit("bulk", (chunk, bulk_row), deadline, block=True))
         while inflight:
             collect(inflight.popleft())
         self._counters.add("outcomes", resp.accepted)
