@@ -51,8 +51,8 @@ MAX_BATCH = 256  # work items taken from the queue at once
 MAX_PREDICT_BATCH = 256
 LEARN_SLICE_SECONDS = 0.005  # learning between two batches of work while more work waits
 CATCH_UP_SLICE_SECONDS = 0.1  # learning between two publications while nothing else waits
-LEARN_CHUNK = 16  # outcomes handed to the trainer at once during a short slice
-CATCH_UP_CHUNK = 256  # ... during a long slice, or when learning everything
+SNAPSHOT_EVERY_SECONDS = 0.1  # while catching up with no caller waiting, a fresh snapshot at most this often
+CATCH_UP_CHUNK = 256  # outcomes handed to the trainer at once, at most
 Trainer = LocalTrainer | TrainerProcess
 
 
@@ -125,6 +125,8 @@ class ModelOwner:
         self._on_trainer_restart = on_trainer_restart or (lambda: None)
         self._trainer: Trainer | None = None
         self.trainer_restarts = 0
+        self._snapshot_at = 0.0  # time.monotonic() of the last snapshot asked of the trainer
+        self._learn_seconds = 0.002  # moving average of the time to learn one outcome (sizes the chunks)
         self._scorer = scorer or LiveScorer()
         self._last_outcome_time = 0.0
         self._journal = journal
@@ -510,12 +512,21 @@ class ModelOwner:
     def _learn_pending(self, slice_seconds: float | None) -> None:
         """Learn journaled outcomes in seq order: all of them, or for about `slice_seconds`."""
         started = time.monotonic()
-        chunk = LEARN_CHUNK if slice_seconds is not None and slice_seconds <= LEARN_SLICE_SECONDS else CATCH_UP_CHUNK
         while self._pending:
-            batch = [self._pending[i] for i in range(min(chunk, len(self._pending)))]
             left = None if slice_seconds is None else max(0.0, slice_seconds - (time.monotonic() - started))
+            # About as many outcomes as the slice has time for: the rest would cross the pipe for nothing.
+            chunk = CATCH_UP_CHUNK if left is None else max(1, min(CATCH_UP_CHUNK, int(left / self._learn_seconds) + 1))
+            batch = [self._pending[i] for i in range(min(chunk, len(self._pending)))]
+            # A caller waiting for its outcome needs the snapshot that includes it (read-your-writes);
+            # a bulk backlog only needs one now and then.
+            fresh = (any(p.future is not None for p in batch)
+                     or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_SECONDS)
             try:
-                results = self._trainer.learn([(p.event, p.label) for p in batch], left)
+                t0 = time.monotonic()
+                results = self._trainer.learn([(p.event, p.label) for p in batch], left, snapshot=fresh)
+                self._learn_seconds = 0.8 * self._learn_seconds + 0.2 * (time.monotonic() - t0) / max(1, len(results))
+                if fresh:
+                    self._snapshot_at = time.monotonic()
             except TrainerDiedError as e:
                 self._restart_trainer(e)  # the batch stays pending: learned by the new trainer
                 continue
@@ -533,6 +544,12 @@ class ModelOwner:
                 self._since_checkpoint += 1
             if slice_seconds is not None and time.monotonic() - started > slice_seconds:
                 break
+        if not self._pending and self._trainer.stale:  # caught up: publish the model as it now stands
+            try:
+                self._trainer.refresh()
+            except TrainerDiedError as e:
+                self._restart_trainer(e)
+            self._snapshot_at = time.monotonic()
         # a duplicate answered in this batch reports the model as it now stands
         t = self._trainer
         self._replies = [(fut, OutcomeAck(True, t.samples_trained, t.version, r.from_predict, None)
