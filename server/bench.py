@@ -288,7 +288,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         res["server_rss_mib"] = {"after_10000_predicts": rss_10k, f"after_{n_total}_predicts": rss_mib(fus["pid"])}
 
         # bulk replay: RecordOutcomes journaled and acknowledged, then training catching up
-        res["bulk_replay"] = bench_bulk(stub, quick)
+        res["bulk_replay"] = bench_bulk(tmp, quick)
         channel.close()
         echo_channel.close()
     finally:
@@ -301,41 +301,75 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
     return res
 
 
-def bench_bulk(stub, quick: bool) -> dict:
-    """Stream N outcomes: acknowledged/s (journaled); then the time until the model has learned
-    them all, against the in-process class learning the same events (the same schedule)."""
+def bench_bulk(tmp: Path, quick: bool) -> dict:
+    """On a fresh service, after the same 400 warm-up outcomes as the in-process baseline: stream N
+    outcomes, acknowledged/s (journaled); then the time until the model has learned them all,
+    against the in-process class learning the same events after the same history (the same
+    schedule, so early stopping pauses alike)."""
+    import grpc
     import torch
+    from titan_fusion.client.client import CHANNEL_OPTIONS
     from titan_fusion.client.convert import to_expert_forecasts
     from titan_fusion.client.pb import fusion_pb2 as pb
+    from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
     from titan_fusion.server.fusion import TransformerFusion
     from titan_fusion.server.synthetic import informative_stream
     n = 3_000 if quick else 10_000
+    warm = list(informative_stream(3, 400))
     events = list(informative_stream(23, n))
-    reqs = [pb.RecordOutcomeRequest(
-        experts=to_expert_forecasts(e), features=f,
-        event_id=f"bulk-{i}", actual_direction=pb.DIRECTION_UP if d == "UP" else pb.DIRECTION_DOWN)
-        for i, (e, f, d) in enumerate(events)]
-    before = stub.Stats(pb.StatsRequest(), timeout=10).service
-    t0 = time.perf_counter()
-    resp = stub.RecordOutcomes(iter(reqs), timeout=600)
-    acked = time.perf_counter() - t0
-    while stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence < resp.journal_sequence:
-        time.sleep(0.05)
-    trained = time.perf_counter() - t0
-    assert resp.accepted == n, resp
-    # the same events, in-process, after the same history (the service had learned `before` outcomes)
+
+    def requests(evs, prefix):
+        return [pb.RecordOutcomeRequest(
+            experts=to_expert_forecasts(e), features=f,
+            event_id=f"{prefix}-{i}", actual_direction=pb.DIRECTION_UP if d == "UP" else pb.DIRECTION_DOWN)
+            for i, (e, f, d) in enumerate(evs)]
+    reqs = requests(events, "bulk")
+    proc, info = _spawn([sys.executable, "-m", "titan_fusion.server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+                         "--data-dir", str(tmp / "bulk-data"), "--ready-file", str(tmp / "bulk.json"),
+                         "--log-level", "WARNING", "--checkpoint-every", "0"], tmp / "bulk.json")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=list(CHANNEL_OPTIONS))
+        stub = pb_grpc.FusionServiceStub(channel)
+        warm_ack = stub.RecordOutcomes(iter(requests(warm, "warm")), timeout=600)
+        while stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence < warm_ack.journal_sequence:
+            time.sleep(0.05)
+        res = _bulk_stream(stub, reqs, n)
+        channel.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    # the same events, in-process, after the same history
     torch.set_num_threads(1)
     f = TransformerFusion(n_models=4)
-    warm = list(informative_stream(3, 1500))[:400]  # what bench_grpc taught the service first
     for e, feats, d in warm:
         f.update(e, feats, d)
+    steps0 = f.version
     t1 = time.perf_counter()
     for e, feats, d in events:
         f.update(e, feats, d)
     in_process = time.perf_counter() - t1
-    return {"outcomes": n, "acked_per_s": n / acked, "trained_per_s": n / trained,
-            "in_process_trained_per_s": n / in_process, "training_speed_ratio": in_process / trained,
-            "lag_at_ack": before.training_lag}
+    res.update(in_process_trained_per_s=n / in_process, in_process_train_steps=f.version - steps0,
+               training_speed_ratio=in_process * res["trained_per_s"] / n)
+    return res
+
+
+def _bulk_stream(stub, reqs: list, n: int) -> dict:
+    from titan_fusion.client.pb import fusion_pb2 as pb
+    steps0 = stub.Stats(pb.StatsRequest(), timeout=10).training.train_steps
+    t0 = time.perf_counter()
+    resp = stub.RecordOutcomes(iter(reqs), timeout=600)
+    acked = time.perf_counter() - t0
+    lag = stub.Stats(pb.StatsRequest(), timeout=10).service.training_lag
+    while stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence < resp.journal_sequence:
+        time.sleep(0.05)
+    trained = time.perf_counter() - t0
+    steps = stub.Stats(pb.StatsRequest(), timeout=10).training.train_steps - steps0
+    assert resp.accepted == n, resp
+    return {"outcomes": n, "acked_per_s": n / acked, "trained_per_s": n / trained, "lag_at_ack": lag,
+            "train_steps": steps}
 
 
 def table(r: dict) -> str:

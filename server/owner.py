@@ -53,6 +53,7 @@ LEARN_SLICE_SECONDS = 0.005  # learning between two batches of work while more w
 CATCH_UP_SLICE_SECONDS = 0.1  # learning between two publications while nothing else waits
 SNAPSHOT_EVERY_SECONDS = 0.1  # while catching up with no caller waiting, a fresh snapshot at most this often
 CATCH_UP_CHUNK = 256  # outcomes handed to the trainer at once, at most
+BULK_QUIET_SECONDS = 0.05  # a bulk stream counts as arriving until this long after its last chunk
 Trainer = LocalTrainer | TrainerProcess
 
 
@@ -127,6 +128,8 @@ class ModelOwner:
         self.trainer_restarts = 0
         self._snapshot_at = 0.0  # time.monotonic() of the last snapshot asked of the trainer
         self._learn_seconds = 0.002  # moving average of the time to learn one outcome (sizes the chunks)
+        self._waiters = 0  # outcomes in _pending whose RecordOutcome caller waits for them
+        self._bulk_at = 0.0  # time.monotonic() of the last bulk chunk committed
         self._scorer = scorer or LiveScorer()
         self._last_outcome_time = 0.0
         self._journal = journal
@@ -233,6 +236,7 @@ class ModelOwner:
             if p.future is not None and not p.future.done():
                 p.future.set_exception(e)
         self._pending.clear()
+        self._waiters = 0
         while True:
             try:
                 w = self._queue.get_nowait()
@@ -243,7 +247,10 @@ class ModelOwner:
 
     def _serve(self) -> None:
         while True:
-            batch = self._take(block=not self._pending)
+            # Wait for work when there is nothing to learn, or (briefly) while a bulk stream arrives.
+            streaming = self._streaming()
+            batch = self._take(block=not self._pending or (streaming and not self._waiters),
+                               timeout=BULK_QUIET_SECONDS if self._pending else None)
             stop = None
             i = 0
             while i < len(batch):
@@ -263,9 +270,14 @@ class ModelOwner:
                     self._one(w)
                 i += 1
             # Learn what is journaled, in slices, publishing between them: a short one when more
-            # work waits (commits stay quick), a longer one when idle (catching up with a bulk replay).
-            if stop is None:
-                self._learn_pending(LEARN_SLICE_SECONDS if not self._queue.empty() else CATCH_UP_SLICE_SECONDS)
+            # work waits or a bulk stream is arriving (commits stay quick), a longer one when idle
+            # (catching up with a bulk replay). While bulk chunks wait and no caller waits for its
+            # outcome, journal first: a bulk replay is acknowledged at the journal's pace and
+            # training catches up after it.
+            streaming = self._streaming()
+            if stop is None and (self._waiters or not streaming):
+                self._learn_pending(LEARN_SLICE_SECONDS if streaming or not self._queue.empty()
+                                    else CATCH_UP_SLICE_SECONDS)
             if self._checkpoint_every and self._since_checkpoint >= self._checkpoint_every and not self._pending:
                 self._auto_checkpoint()
             self._publish()
@@ -277,11 +289,21 @@ class ModelOwner:
                     self._publish()
                 return
 
-    def _take(self, block: bool) -> list[_Work]:
-        """What is queued now (waiting for the first item only when there is nothing to learn)."""
+    def _streaming(self) -> bool:
+        """A bulk stream is arriving: a chunk waits in the queue or one was committed just now."""
+        if time.monotonic() - self._bulk_at < BULK_QUIET_SECONDS:
+            return True
+        with self._queue.mutex:
+            return any(w.kind == "bulk" for w in self._queue.queue)
+
+    def _take(self, block: bool, timeout: float | None = None) -> list[_Work]:
+        """What is queued now, waiting (up to `timeout`) for the first item if `block`."""
         batch: list[_Work] = []
         if block:
-            batch.append(self._queue.get())
+            try:
+                batch.append(self._queue.get(timeout=timeout))
+            except queue.Empty:
+                return batch
         while len(batch) < MAX_BATCH:
             try:
                 batch.append(self._queue.get_nowait())
@@ -461,6 +483,7 @@ class ModelOwner:
                 self._reply(w.future, _Duplicate(from_predict))
             else:
                 self._pending.append(_Pending(seq, event, label, w.future, from_predict, predicted))
+                self._waiters += w.future is not None
 
     def _commit_bulk(self, w: _Work) -> None:
         """RecordOutcomes chunk: convert, validate, journal in one transaction, answer at once
@@ -507,6 +530,7 @@ class ModelOwner:
             else:
                 pending.append(_Pending(seq, event, label, None, False, predicted))
                 results.append(("accepted", (index, seq)))
+        self._bulk_at = time.monotonic()
         w.future.set_result(BulkAck(results, self._journal_seq))
 
     def _learn_pending(self, slice_seconds: float | None) -> None:
@@ -532,6 +556,7 @@ class ModelOwner:
                 continue
             for p, (err, samples, version) in zip(batch, results):
                 self._pending.popleft()
+                self._waiters -= p.future is not None
                 if err is not None:  # validated at commit: a bug. The journal keeps the outcome.
                     log.error("learning journaled outcome seq=%d failed: %s: %s", p.seq, type(err).__name__, err)
                     self._reply(p.future, error=err)
@@ -609,6 +634,7 @@ class ModelOwner:
             # makes a later recovery agree.
             undone = list(self._pending)
             self._pending.clear()
+            self._waiters = 0
             for p in undone:
                 self._reply(p.future, OutcomeAck(False, self._trainer.samples_trained, self._trainer.version,
                                                  p.from_predict, p.seq))
