@@ -530,7 +530,7 @@ class Snapshot:
 
     @functools.cached_property
     def _one(self) -> OneEventNet:
-        """The single-event forward, folded on first use (validation never needs it)."""
+        """The single-event forward, folded on first use or by prepare() (validation never needs it)."""
         return OneEventNet(self.net, self.skill_logw, self._shares if self.classic is not None else None)
 
     def prepare(self) -> "Snapshot":

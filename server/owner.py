@@ -2,7 +2,7 @@
 
     gRPC handler threads ──Predict──▶ Predictor ──reads──▶ owner.published (immutable Snapshot)
             │                           └─ inputs with an event_id ─┐
-            └──RecordOutcome/Checkpoint──▶ bounded queue ◀──────────┘
+            └──RecordOutcome(s)/Checkpoint──▶ bounded queue ◀───────┘
                                               ▼
                                ModelOwner thread: journal (SQLite) ─▶ trainer.learn ─▶ trainer process
                                               └─ publishes Snapshot + stats after each batch
@@ -10,16 +10,24 @@
 ModelOwner is the only code that changes the model (through its trainer, server/trainer.py: by
 default a child process that holds the TransformerFusion, its torch module, optimizer and buffers),
 the journal and the checkpoint store. Work reaches it through a bounded queue: a full
-queue raises OverloadedError at once. It drains what is queued (never waiting for more), commits the
-outcomes of the batch to the journal in one transaction, learns them in journal order, publishes a
-new Published (snapshot + statistics), and only then answers the batch: nothing is acknowledged
-before its commit, and a Predict sent after an acknowledgement sees the model that includes it.
+queue raises OverloadedError at once. It drains what is queued, commits the outcomes of the batch to
+the journal in one transaction, learns them in journal order, publishes a new Published (snapshot +
+statistics), and only then answers the batch: nothing is acknowledged before its commit, and a
+Predict sent after a RecordOutcome's acknowledgement sees the model that includes it. A
+RecordOutcomes (bulk) chunk is acknowledged once journaled; while a bulk stream arrives and no
+caller waits for an outcome, the owner journals first (waiting briefly for the next chunk rather
+than training between chunks) and training catches up from the backlog after it. The backlog is
+held in memory (each outcome's event, about 1-2 KB).
+
+If the trainer process dies, the owner starts a new one and rebuilds the model from the newest
+checkpoint and the journal; if it dies MAX_RESTARTS_IN_A_ROW + 1 times without learning anything,
+the owner stops: waiting callers get an error, `failed` is set and the service reports NOT_SERVING.
 
 Predictor answers Predicts without the owner: the first caller to find it idle becomes the leader
 and computes one batched forward, with the newest published snapshot, for every Predict queued at
 that moment (its own included); the others wait for it. A lone Predict is computed in its own
-handler thread, with no hand-off; concurrent ones share a forward. Training never blocks a Predict:
-they only share the interpreter.
+handler thread, with no hand-off; concurrent ones share a forward. Training never blocks a Predict
+(with the trainer process it does not even share the interpreter).
 
 On start, the owner loads the newest valid checkpoint, replays the journal's outcomes after it
 through the same learn() as live outcomes (training is event-driven and deterministic, so the model
@@ -53,6 +61,7 @@ LEARN_SLICE_SECONDS = 0.005  # learning between two batches of work while more w
 CATCH_UP_SLICE_SECONDS = 0.1  # learning between two publications while nothing else waits
 SNAPSHOT_EVERY_SECONDS = 0.1  # while catching up with no caller waiting, a fresh snapshot at most this often
 CATCH_UP_CHUNK = 256  # outcomes handed to the trainer at once, at most
+MAX_RESTARTS_IN_A_ROW = 3  # trainer deaths at the same journal seq before the owner gives up
 BULK_QUIET_SECONDS = 0.05  # a bulk stream counts as arriving until this long after its last chunk
 Trainer = LocalTrainer | TrainerProcess
 
@@ -119,11 +128,16 @@ class ModelOwner:
                  on_publish: Callable[[Published], None] | None = None,
                  on_outcome: Callable[[bool], None] | None = None, scorer: LiveScorer | None = None,
                  on_checkpoint: Callable[[str, bool], None] | None = None,
-                 on_trainer_restart: Callable[[], None] | None = None):
+                 on_trainer_restart: Callable[[], None] | None = None,
+                 on_fail: Callable[[BaseException], None] | None = None):
         """`new_trainer` makes the trainer that holds the model (server/trainer.py): called by the
-        owner thread when it starts, and again if a trainer process dies (then `on_trainer_restart`)."""
+        owner thread when it starts, and again if a trainer process dies (then `on_trainer_restart`).
+        `on_fail` hears of a failure that stops the owner (a bug, or a trainer that keeps dying)."""
         self._new_trainer = new_trainer
         self._on_trainer_restart = on_trainer_restart or (lambda: None)
+        self._on_fail = on_fail or (lambda e: None)
+        self._restarts_in_a_row = 0  # trainer restarts since applied_seq last advanced
+        self._restarted_at = -1  # applied_seq at the last restart
         self._trainer: Trainer | None = None
         self.trainer_restarts = 0
         self._snapshot_at = 0.0  # time.monotonic() of the last snapshot asked of the trainer
@@ -163,7 +177,12 @@ class ModelOwner:
         if self._thread is None:
             return
         self._accepting = False
-        self._queue.put(_Work("stop", checkpoint))  # blocks until there is room: it must arrive
+        while self._thread.is_alive():  # it must arrive; a failed owner thread takes nothing
+            try:
+                self._queue.put(_Work("stop", checkpoint), timeout=0.1)
+                break
+            except queue.Full:
+                continue
         self._thread.join(timeout)
         self._thread = None
 
@@ -180,6 +199,8 @@ class ModelOwner:
     def submit(self, kind: str, payload: Any, deadline: float | None = None, *, block: bool = False) -> Future:
         """Queue work for the owner. Full queue: OverloadedError at once, or with `block`, wait for
         room until the deadline (a bulk stream's back-pressure)."""
+        if self.failed is not None:
+            raise NotReadyError(f"the model owner failed and the service cannot learn: {self.failed}")
         if not self._accepting:
             raise ShuttingDownError("the service is shutting down")
         if not self.ready.is_set():
@@ -199,6 +220,8 @@ class ModelOwner:
         """Keep Predicts with an event_id (inputs and forecasts) for RecordOutcome by event_id and
         live scoring. False when the queue is full: those Predicts must then be refused, since a
         later RecordOutcome by their event_id could not find them."""
+        if not self._accepting:
+            return False
         try:
             self._queue.put_nowait(_Work("remember", items))
         except queue.Full:
@@ -223,7 +246,9 @@ class ModelOwner:
             log.exception("the model owner failed")
             self.failed = e
             self._accepting = False
+            self.ready.clear()
             self._fail_everything(e)
+            self._on_fail(e)
         finally:
             self._trainer.close()
 
@@ -374,6 +399,13 @@ class ModelOwner:
         """The trainer process died: start a new one and rebuild the model it had (the newest
         checkpoint plus the journal up to applied_seq: training is deterministic, so it is the same
         model). Outcomes journaled but not learned yet stay queued for learning."""
+        if self._applied_seq != self._restarted_at:
+            self._restarts_in_a_row = 0
+        self._restarted_at = self._applied_seq
+        self._restarts_in_a_row += 1
+        if self._restarts_in_a_row > MAX_RESTARTS_IN_A_ROW:  # the same outcome kills it: stop, loudly
+            raise TrainerDiedError(f"the trainer died {MAX_RESTARTS_IN_A_ROW + 1} times at journal seq "
+                                   f"{self._applied_seq} without learning anything: {why}")
         log.error("%s; starting a new trainer and rebuilding the model from the newest checkpoint and the journal", why)
         self._trainer.close()
         self._trainer = self._new_trainer()
@@ -640,15 +672,17 @@ class ModelOwner:
                                                  p.from_predict, p.seq))
             self._applied_seq = self._journal_seq = max(self._journal_seq, self._journal.last_seq())
             self._schema_ahead = self._trainer.schema
-            self._auto_checkpoint()
+            self._auto_checkpoint(trainer_death_fails=True)
             self._last_checkpoint = info.name
             self._reply(w.future, [info])
 
-    def _auto_checkpoint(self) -> None:
+    def _auto_checkpoint(self, *, trainer_death_fails: bool = False) -> None:
         try:
             info = self._store.save(self._trainer, None, self._applied_seq, {"live": self._scorer.state()})
         except TrainerDiedError as e:
             self._on_checkpoint("save", False)
+            if trainer_death_fails:  # a restore: the rebuilt model would not be the restored one
+                raise
             self._restart_trainer(e)
             return
         except Exception:

@@ -427,6 +427,7 @@ class FusionService:
                                 on_outcome=lambda dup: self.metrics.count_outcome(dup),
                                 on_checkpoint=self.metrics.count_checkpoint,
                                 on_trainer_restart=self.metrics.trainer_restarts.inc,
+                                on_fail=self._owner_failed,
                                 scorer=LiveScorer(config.live_window, config.underperform_margin,
                                                   config.underperform_min_outcomes))
         self.predictor = Predictor(self.owner, max_pending=config.predict_queue_size,
@@ -462,6 +463,13 @@ class FusionService:
         self.metrics.observe_attention(pub.serving.weights(pub.snapshot.schema.names))
         self.metrics.observe_live(pub.live, pub.last_outcome_time)
         self.metrics.set_queue_depth("owner", self.owner.queue_depth)
+
+    def _owner_failed(self, e: BaseException) -> None:
+        """The model owner stopped (a bug, or a trainer that keeps dying): report NOT_SERVING, so
+        that an orchestrator restarts the service (which recovers from the checkpoint and journal)."""
+        log.error("the model owner failed; reporting NOT_SERVING: %s", e)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _predicted(self, preds: list) -> None:
         for p in preds:

@@ -174,3 +174,42 @@ def test_a_script_without_a_main_guard_can_start_a_trainer(tmp_path: Path) -> No
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["top level ran", "(1, 1)"]
+
+
+class _DiesAfter25(LocalTrainer):
+    """A trainer that dies on every outcome after the 25th (as if that outcome crashed it)."""
+
+    def learn(self, items, slice_seconds=None, *, snapshot=True):
+        if items and self.fusion.samples_trained >= 25:
+            raise TrainerDiedError("test: the trainer died")
+        return super().learn(items, slice_seconds, snapshot=snapshot)
+
+
+def test_a_trainer_that_keeps_dying_stops_the_owner_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarts are bounded: when the same outcome kills every new trainer, the owner gives up,
+    the waiting caller gets UNAVAILABLE, health turns NOT_SERVING, and stop() does not hang."""
+    from grpc_health.v1 import health_pb2
+
+    from service_helpers import NOT_SERVING, SERVICE_NAME
+    from titan_fusion.client.errors import UnavailableError
+    from titan_fusion.server import service as service_module
+    monkeypatch.setattr(service_module, "new_trainer",
+                        lambda config: _DiesAfter25(TransformerFusion(config.fusion, n_models=config.n_models)))
+    svc, port, registry = start(tmp_path / "data")
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        c = running.client()
+        evs = events(7, 27)
+        learn(c, evs[:25], "d")
+        with pytest.raises(UnavailableError, match="died 4 times"):
+            c.record_outcome(*evs[25][:2], actual_direction=evs[25][2], event_id="d25")
+        assert svc.owner.failed is not None and svc.owner.trainer_restarts == 3
+        assert running.sample("fusion_trainer_restarts_total") == 3
+        status = running.health().Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
+        assert status == NOT_SERVING
+        with pytest.raises(UnavailableError, match="model owner failed"):
+            c.record_outcome(*evs[26][:2], actual_direction=evs[26][2], event_id="d26")
+    finally:
+        t0 = time.monotonic()
+        running.close()
+        assert time.monotonic() - t0 < 10
