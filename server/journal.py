@@ -175,6 +175,11 @@ class Journal:
                 "SELECT seq, event_id, payload, label FROM outcomes WHERE seq > ? ORDER BY seq", (seq,)):
             yield JournaledOutcome(s, event_id, decode_event(payload), label)
 
+    def events_between(self, first: int, last: int) -> dict[int, Event]:
+        """seq -> event of the outcomes with first <= seq <= last (the owner's bulk backlog)."""
+        return {s: decode_event(payload) for s, payload in self._db.execute(
+            "SELECT seq, payload FROM outcomes WHERE seq BETWEEN ? AND ?", (first, last))}
+
     def last_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM outcomes").fetchone()
         if row[0] is not None:

@@ -16,8 +16,8 @@ statistics), and only then answers the batch: nothing is acknowledged before its
 Predict sent after a RecordOutcome's acknowledgement sees the model that includes it. A
 RecordOutcomes (bulk) chunk is acknowledged once journaled; while a bulk stream arrives and no
 caller waits for an outcome, the owner journals first (waiting briefly for the next chunk rather
-than training between chunks) and training catches up from the backlog after it. The backlog is
-held in memory (each outcome's event, about 1-2 KB).
+than training between chunks) and training catches up from the backlog after it. The backlog keeps
+only sequence numbers in memory; its events are read back from the journal as they are learned.
 
 If the trainer process dies, the owner starts a new one and rebuilds the model from the newest
 checkpoint and the journal; if it dies MAX_RESTARTS_IN_A_ROW + 1 times without learning anything,
@@ -89,10 +89,10 @@ class _Duplicate:
     from_predict: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     seq: int
-    event: Event
+    event: Event | None  # None for a bulk row: read back from the journal when it is learned
     label: int
     future: Future | None  # a RecordOutcome waiting for this outcome to be learned
     from_predict: bool
@@ -560,7 +560,7 @@ class ModelOwner:
                 self._on_outcome(True)
                 results.append(("duplicate", (index, event_id)))
             else:
-                pending.append(_Pending(seq, event, label, None, False, predicted))
+                pending.append(_Pending(seq, None, label, None, False, predicted))  # the journal has the event
                 results.append(("accepted", (index, seq)))
         self._bulk_at = time.monotonic()
         w.future.set_result(BulkAck(results, self._journal_seq))
@@ -579,7 +579,7 @@ class ModelOwner:
                      or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_SECONDS)
             try:
                 t0 = time.monotonic()
-                results = self._trainer.learn([(p.event, p.label) for p in batch], left, snapshot=fresh)
+                results = self._trainer.learn(self._learn_items(batch), left, snapshot=fresh)
                 self._learn_seconds = 0.8 * self._learn_seconds + 0.2 * (time.monotonic() - t0) / max(1, len(results))
                 if fresh:
                     self._snapshot_at = time.monotonic()
@@ -611,6 +611,13 @@ class ModelOwner:
         t = self._trainer
         self._replies = [(fut, OutcomeAck(True, t.samples_trained, t.version, r.from_predict, None)
                           if isinstance(r, _Duplicate) else r, err) for fut, r, err in self._replies]
+
+    def _learn_items(self, batch: list[_Pending]) -> list[tuple[Event, int]]:
+        """(event, label) per pending outcome; a bulk row's event comes back from the journal (a
+        replay's backlog would otherwise hold every event in memory)."""
+        stored = (self._journal.events_between(batch[0].seq, batch[-1].seq)
+                  if any(p.event is None for p in batch) else {})
+        return [(p.event if p.event is not None else stored[p.seq], p.label) for p in batch]
 
     def _score(self, predicted: Predicted | None, label: int) -> None:
         """Live shadow scoring of a predicted event (see server/live.py)."""
