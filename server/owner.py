@@ -745,6 +745,8 @@ class Predictor:
     def predict(self, event: Event, event_id: str = "", deadline: float | None = None) -> Prediction:
         owner = self._owner
         if owner.published is None or not owner.ready.is_set():
+            if owner.failed is not None:
+                raise NotReadyError(f"the model owner failed and the service cannot predict: {owner.failed}")
             raise NotReadyError("the service is starting: loading its checkpoint and replaying its journal")
         lock = self._lock
         if not self._pending and lock.acquire(False):  # alone: compute here, no slot, no hand-off

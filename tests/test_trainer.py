@@ -209,6 +209,8 @@ def test_a_trainer_that_keeps_dying_stops_the_owner_loudly(tmp_path: Path, monke
         assert status == NOT_SERVING
         with pytest.raises(UnavailableError, match="model owner failed"):
             c.record_outcome(*evs[26][:2], actual_direction=evs[26][2], event_id="d26")
+        with pytest.raises(UnavailableError, match="model owner failed"):
+            c.predict(*evs[26][:2])
     finally:
         t0 = time.monotonic()
         running.close()
