@@ -278,6 +278,26 @@ class FusionNet(nn.Module):
                 {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+def _linear_grad(P: dict, G: dict, name: str, d: torch.Tensor, x: torch.Tensor, *,
+                 input_grad: bool = True) -> torch.Tensor | None:
+    """Backward of the Linear `name` (y = x W^T + b) given d = dL/dy (N, out) and its input x
+    (N, in): dL/dW and dL/db written into G, dL/dx returned (None without `input_grad`)."""
+    torch.mm(d.t(), x, out=G[name + ".weight"])
+    torch.sum(d, 0, out=G[name + ".bias"])
+    return torch.mm(d, P[name + ".weight"]) if input_grad else None
+
+
+def _layer_norm_grad(P: dict, G: dict, name: str, d: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                     rstd: torch.Tensor) -> torch.Tensor:
+    """Backward of the LayerNorm `name` over the last dimension, with the mean and 1/std its
+    forward saved: weight and bias gradients written into G, dL/dx returned."""
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        d, x, (x.shape[-1],), mean, rstd, P[name + ".weight"], P[name + ".bias"], (True, True, True))
+    G[name + ".weight"].copy_(dw)
+    G[name + ".bias"].copy_(db)
+    return dx
+
+
 class TrainStep:
     """One training forward and backward of a FusionNet in training mode, written out: the loss
     (mean cross-entropy) of `net(experts, feats, targets, skill, masks)` and its gradients, written
@@ -369,9 +389,7 @@ class TrainStep:
             # ---------------------------------------------------------------- backward
             dl = logp.exp_()  # softmax - onehot, / B
             dl.scatter_add_(1, targets.view(B, 1), torch.full((B, 1), -1.0)).mul_(1.0 / B)
-            mm(dl.t(), pd, out=G["head.weight"])
-            torch.sum(dl, 0, out=G["head.bias"])
-            dpooled = mm(dl, P["head.weight"])  # (B, C)
+            dpooled = _linear_grad(P, G, "head", dl, pd)  # (B, C)
             if masks is not None:
                 dpooled.mul_(masks.pooled)
             dP = dpooled.view(B, 1, nh, hs)
@@ -392,32 +410,16 @@ class TrainStep:
             torch.sum(dqp, 0, out=G["pool.query"])
             if nf:
                 mm(dqp.t(), feats, out=G["pool.query_from_features.weight"])
-            mm(dK.t(), hp.view(Bn, C), out=G["pool.key.weight"])
-            torch.sum(dK, 0, out=G["pool.key.bias"])
-            dhp = mm(dK, P["pool.key.weight"])
-            mm(dV.t(), own, out=G["pool.value.weight"])
-            torch.sum(dV, 0, out=G["pool.value.bias"])
-            down = mm(dV, P["pool.value.weight"])  # (Bn, C)
-            dctx, dlw, dlb = torch.ops.aten.native_layer_norm_backward(dhp.view(B, n, C), ctx, (C,), mup, rsp, P["pool.ln.weight"],
-                                                              P["pool.ln.bias"], (True, True, True))
-            G["pool.ln.weight"].copy_(dlw)
-            G["pool.ln.bias"].copy_(dlb)
+            dhp = _linear_grad(P, G, "pool.key", dK, hp.view(Bn, C))
+            down = _linear_grad(P, G, "pool.value", dV, own)  # (Bn, C)
+            dctx = _layer_norm_grad(P, G, "pool.ln", dhp.view(B, n, C), ctx, mup, rsp)
             dmo = (dctx * masks.mlp if masks is not None else dctx).view(Bn, C)
-            mm(dmo.t(), g, out=G["block.mlp.proj.weight"])
-            torch.sum(dmo, 0, out=G["block.mlp.proj.bias"])
-            du = torch.ops.aten.gelu_backward(mm(dmo, P["block.mlp.proj.weight"]), u, approximate="tanh")
-            mm(du.t(), h2.view(Bn, C), out=G["block.mlp.fc.weight"])
-            torch.sum(du, 0, out=G["block.mlp.fc.bias"])
-            dh2 = mm(du, P["block.mlp.fc.weight"]).view(B, n, C)
-            dx1, dlw, dlb = torch.ops.aten.native_layer_norm_backward(dh2, x1, (C,), mu2, rs2, P["block.ln_2.weight"],
-                                                             P["block.ln_2.bias"], (True, True, True))
-            G["block.ln_2.weight"].copy_(dlw)
-            G["block.ln_2.bias"].copy_(dlb)
+            du = torch.ops.aten.gelu_backward(_linear_grad(P, G, "block.mlp.proj", dmo, g), u, approximate="tanh")
+            dh2 = _linear_grad(P, G, "block.mlp.fc", du, h2.view(Bn, C)).view(B, n, C)
+            dx1 = _layer_norm_grad(P, G, "block.ln_2", dh2, x1, mu2, rs2)
             dx1.add_(dctx)  # (B, n, C): the residual
             dao = (dx1 * masks.resid if masks is not None else dx1).view(Bn, C)
-            mm(dao.t(), y, out=G["block.attn.proj.weight"])
-            torch.sum(dao, 0, out=G["block.attn.proj.bias"])
-            dy = mm(dao, P["block.attn.proj.weight"]).view(B, n, nh, hs).transpose(1, 2).reshape(B * nh, n, hs)
+            dy = _linear_grad(P, G, "block.attn.proj", dao, y).view(B, n, nh, hs).transpose(1, 2).reshape(B * nh, n, hs)
             dattd = torch.bmm(dy, v.transpose(1, 2))  # (B nh, n, T)
             dv = torch.bmm(attd.transpose(1, 2), dy)  # (B nh, T, hs)
             if masks is not None:
@@ -432,22 +434,15 @@ class TrainStep:
             dqkv[:, :, 1].copy_(dk.view(B, nh, T, hs).transpose(1, 2))
             dqkv[:, :, 2].copy_(dv.view(B, nh, T, hs).transpose(1, 2))
             dqkv = dqkv.view(B * T, 3 * C)
-            mm(dqkv.t(), h1.view(B * T, C), out=G["block.attn.qkv.weight"])
-            torch.sum(dqkv, 0, out=G["block.attn.qkv.bias"])
-            dh1 = mm(dqkv, P["block.attn.qkv.weight"]).view(B, T, C)
-            dtok, dlw, dlb = torch.ops.aten.native_layer_norm_backward(dh1, tokens, (C,), mu1, rs1, P["block.ln_1.weight"],
-                                                              P["block.ln_1.bias"], (True, True, True))
-            G["block.ln_1.weight"].copy_(dlw)
-            G["block.ln_1.bias"].copy_(dlb)
+            dh1 = _linear_grad(P, G, "block.attn.qkv", dqkv, h1.view(B * T, C)).view(B, T, C)
+            dtok = _layer_norm_grad(P, G, "block.ln_1", dh1, tokens, mu1, rs1)
             down = down.view(B, n, C).add_(dtok[:, :n]).add_(dx1)  # (B, n, C): d own
             if c.expert_identity:
                 torch.sum(down, 0, out=G["expert_id.weight"])
             down = down.view(Bn, C)
-            mm(down.t(), x2, out=G["expert_in.weight"])
-            torch.sum(down, 0, out=G["expert_in.bias"])
+            _linear_grad(P, G, "expert_in", down, x2, input_grad=False)
             if nf:
                 dft = dtok[:, n]  # (B, C)
-                mm(dft.t(), feats, out=G["feature_in.weight"])
-                torch.sum(dft, 0, out=G["feature_in.bias"])
+                _linear_grad(P, G, "feature_in", dft, feats, input_grad=False)
                 G["feature_type"].copy_(G["feature_in.bias"])
         return loss
