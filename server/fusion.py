@@ -360,7 +360,7 @@ class TransformerFusion:
             "val_loss": self._val_loss,
             "current_lr": lr_at(self._steps, c),
             "is_overfitting": self._paused_at_val_seen is not None,
-            "avg_attention_entropy": self._serving.avg_entropy(self.n_models),
+            **self._serving.training_stats(self.n_models),  # avg_attention_entropy, last_source, last_reason
             "train_steps": self._steps,
             "best_val_loss": self._best_val_loss,
             "patience_counter": self._checks_since_best,
@@ -370,8 +370,6 @@ class TransformerFusion:
             "enabled": c.enabled,
             "ready": self.ready,
             "min_samples": c.min_samples,
-            "last_source": self.last_source,
-            "last_reason": self.last_reason,
             "last_grad_norm": self._last_grad_norm,
             "n_models": self.n_models,
             "expert_names": list(self.expert_names),

@@ -697,6 +697,11 @@ class ServingStats:
             return math.log(n)
         return math.fsum(-math.fsum(x * math.log(x) for x in w if x > 0.0) for w in rows) / len(rows)
 
+    def training_stats(self, n: int) -> dict[str, Any]:
+        """What these statistics contribute to get_training_stats()."""
+        return {"avg_attention_entropy": self.avg_entropy(n), "last_source": self.last_source,
+                "last_reason": self.last_reason}
+
     def state(self) -> dict[str, Any]:
         with self._lock:
             return {"attention": [list(w) for w in self._attention],

@@ -194,10 +194,7 @@ class TrainerProcess:
         return self._snapshot
 
     def stats(self) -> dict[str, Any]:
-        s = dict(self._stats)
-        s.update(avg_attention_entropy=self._serving.avg_entropy(self._n_models),
-                 last_source=self._serving.last_source, last_reason=self._serving.last_reason)
-        return s
+        return {**self._stats, **self._serving.training_stats(self._n_models)}  # recorded here, not in the child
 
     def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
         self._call("save", str(path), dict(extra or {}), self._serving.state())
