@@ -121,6 +121,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
+#: record_outcomes sends this many rows per message, or fewer to stay under BULK_MESSAGE_BYTES.
+BULK_ROWS_PER_MESSAGE = 256
+BULK_MESSAGE_BYTES = 1024 * 1024
+
 _BACKOFF_INITIAL = 0.05  # seconds before the first retry of an outcome
 _BACKOFF_MAX = 1.0
 
@@ -429,16 +433,28 @@ class FusionClient:
         journal (`stats()["service"]["training_lag"]`). Bad rows are rejected and reported by index,
         the others accepted. Not retried: re-run it with the same event_ids instead (duplicates are
         acknowledged, not learned twice). `timeout` bounds the whole stream (default one hour).
+
+        The rows travel BULK_ROWS_PER_MESSAGE to a message (RecordOutcomeBatches), which needs a
+        server of this version or later.
         """
-        def requests():
+        def batches():
+            batch = pb.RecordOutcomeBatch()
+            rows, size = batch.outcomes, 0
             for item in outcomes:
                 experts = item.get("experts")
-                yield pb.RecordOutcomeRequest(
+                row = rows.add(
                     experts=convert.to_expert_forecasts(experts) if experts else [],
                     features=convert.to_features(item.get("features")),
                     event_id=_check_event_id(item.get("event_id")),
                     actual_direction=_bulk_direction(item.get("actual_direction")))
-        return convert.bulk_result_from_proto(self._invoke("RecordOutcomes", requests(), timeout))
+                size += row.ByteSize()
+                if len(rows) >= BULK_ROWS_PER_MESSAGE or size >= BULK_MESSAGE_BYTES:
+                    yield batch
+                    batch = pb.RecordOutcomeBatch()
+                    rows, size = batch.outcomes, 0
+            if rows:
+                yield batch
+        return convert.bulk_result_from_proto(self._invoke("RecordOutcomeBatches", batches(), timeout))
 
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Training statistics, attention weights and the service's counters, as one dict.

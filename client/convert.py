@@ -13,7 +13,7 @@ Enums become lower-case strings without their prefix (`SOURCE_FUSION` -> "fusion
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,13 +105,17 @@ class CheckpointInfo:
 # -- Python -> proto ----------------------------------------------------------------------------
 
 
-def _get(item: Any, key: str) -> Any:
-    if isinstance(item, Mapping):
-        return item.get(key)
-    return getattr(item, key, None)
+def _getter(item: Any) -> Callable[[str], Any]:
+    """item.get for a mapping (a dict checked first: it is the common case, and an ABC check is
+    slow), else attribute access with None for a missing attribute."""
+    if isinstance(item, dict) or isinstance(item, Mapping):
+        return item.get
+    return lambda key: getattr(item, key, None)
 
 
 def _as_float(value: Any, where: str) -> float:
+    if type(value) is float:  # the common case, first
+        return value
     if isinstance(value, bool):  # a bool is an int to Python, never a probability
         raise TypeError(f"{where} must be a number, got {value!r}")
     try:
@@ -146,22 +150,23 @@ def to_expert_forecasts(experts: Iterable[Any]) -> list[pb.ExpertForecast]:
         )
     forecasts = []
     for i, item in enumerate(experts):
-        prob_up = _get(item, "prob_up")
+        get = _getter(item)
+        prob_up = get("prob_up")
         if prob_up is None:
             raise ValueError(f"experts[{i}].prob_up is required")
-        forecast = pb.ExpertForecast(prob_up=_as_float(prob_up, f"experts[{i}].prob_up"))
+        fields = {"prob_up": _as_float(prob_up, f"experts[{i}].prob_up")}
         for key in ("prob_down", "confidence"):
-            value = _get(item, key)
+            value = get(key)
             if value is not None:
-                setattr(forecast, key, _as_float(value, f"experts[{i}].{key}"))
-        name = _get(item, "name")
+                fields[key] = _as_float(value, f"experts[{i}].{key}")
+        name = get("name")
         if name is None:
-            name = _get(item, "model_name")
+            name = get("model_name")
         if name is not None:
             if not isinstance(name, str):
                 raise TypeError(f"experts[{i}].name must be a str, got {type(name).__name__}")
-            forecast.name = name
-        forecasts.append(forecast)
+            fields["name"] = name
+        forecasts.append(pb.ExpertForecast(**fields))
     return forecasts
 
 

@@ -287,7 +287,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         asyncio.run(many(n_total - 10_000))
         res["server_rss_mib"] = {"after_10000_predicts": rss_10k, f"after_{n_total}_predicts": rss_mib(fus["pid"])}
 
-        # bulk replay: RecordOutcomes journaled and acknowledged, then training catching up
+        # bulk replay: RecordOutcomeBatches journaled and acknowledged, then training catching up
         res["bulk_replay"] = bench_bulk(tmp, quick)
         channel.close()
         echo_channel.close()
@@ -303,12 +303,13 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
 
 def bench_bulk(tmp: Path, quick: bool) -> dict:
     """On a fresh service, after the same 400 warm-up outcomes as the in-process baseline: stream N
-    outcomes, acknowledged/s (journaled); then the time until the model has learned them all,
-    against the in-process class learning the same events after the same history (the same
-    schedule, so early stopping pauses alike)."""
+    outcomes in RecordOutcomeBatches, acknowledged/s (journaled); then the time until the model has
+    learned them all, against the in-process class learning the same events after the same history
+    (the same schedule, so early stopping pauses alike). Then the same rows under new event_ids
+    through RecordOutcomes, one per message: acknowledged/s."""
     import grpc
     import torch
-    from titan_fusion.client.client import CHANNEL_OPTIONS
+    from titan_fusion.client.client import BULK_ROWS_PER_MESSAGE, CHANNEL_OPTIONS
     from titan_fusion.client.convert import to_expert_forecasts
     from titan_fusion.client.pb import fusion_pb2 as pb
     from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
@@ -318,11 +319,13 @@ def bench_bulk(tmp: Path, quick: bool) -> dict:
     warm = list(informative_stream(3, 400))
     events = list(informative_stream(23, n))
 
-    def requests(evs, prefix):
-        return [pb.RecordOutcomeRequest(
+    def requests(evs, prefix):  # built before the clock starts, BULK_ROWS_PER_MESSAGE to a message
+        rows = [pb.RecordOutcomeRequest(
             experts=to_expert_forecasts(e), features=f,
             event_id=f"{prefix}-{i}", actual_direction=pb.DIRECTION_UP if d == "UP" else pb.DIRECTION_DOWN)
             for i, (e, f, d) in enumerate(evs)]
+        return [pb.RecordOutcomeBatch(outcomes=rows[i:i + BULK_ROWS_PER_MESSAGE])
+                for i in range(0, len(rows), BULK_ROWS_PER_MESSAGE)]
     reqs = requests(events, "bulk")
     proc, info = _spawn([sys.executable, "-m", "titan_fusion.server.cli", "serve", "--port", "0", "--metrics-port", "-1",
                          "--data-dir", str(tmp / "bulk-data"), "--ready-file", str(tmp / "bulk.json"),
@@ -330,10 +333,15 @@ def bench_bulk(tmp: Path, quick: bool) -> dict:
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=list(CHANNEL_OPTIONS))
         stub = pb_grpc.FusionServiceStub(channel)
-        warm_ack = stub.RecordOutcomes(iter(requests(warm, "warm")), timeout=600)
+        warm_ack = stub.RecordOutcomeBatches(iter(requests(warm, "warm")), timeout=600)
         while stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence < warm_ack.journal_sequence:
             time.sleep(0.05)
         res = _bulk_stream(stub, reqs, n)
+        # the same rows once more (new event_ids), one per message: what batching saves
+        rows = [r for b in requests(events, "rows") for r in b.outcomes]
+        t0 = time.perf_counter()
+        single = stub.RecordOutcomes(iter(rows), timeout=600)
+        res["one_row_per_message_acked_per_s"] = single.accepted / (time.perf_counter() - t0)
         channel.close()
     finally:
         proc.terminate()
@@ -360,7 +368,7 @@ def _bulk_stream(stub, reqs: list, n: int) -> dict:
     from titan_fusion.client.pb import fusion_pb2 as pb
     steps0 = stub.Stats(pb.StatsRequest(), timeout=10).training.train_steps
     t0 = time.perf_counter()
-    resp = stub.RecordOutcomes(iter(reqs), timeout=600)
+    resp = stub.RecordOutcomeBatches(iter(reqs), timeout=600)
     acked = time.perf_counter() - t0
     lag = stub.Stats(pb.StatsRequest(), timeout=10).service.training_lag
     while stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence < resp.journal_sequence:
@@ -395,6 +403,8 @@ def table(r: dict) -> str:
     b = g["bulk_replay"]
     rows.append((f"bulk replay: {b['outcomes']:,} outcomes journaled + acknowledged (outcomes/s)", b["acked_per_s"],
                  None, "", ">= 20,000/s"))
+    rows.append(("bulk replay, one row per message (RecordOutcomes), acknowledged (outcomes/s)",
+                 b["one_row_per_message_acked_per_s"], None, "", ""))
     rows.append(("bulk replay: learned by the service (outcomes/s)", b["trained_per_s"], b["in_process_trained_per_s"],
                  "in-process update(), same events", ">= 0.9x"))
     mem = list(g["server_rss_mib"].values())

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
 
-DEFAULT_METHODS = ("Predict", "RecordOutcome", "RecordOutcomes", "Stats", "Checkpoint")
+DEFAULT_METHODS = ("Predict", "RecordOutcome", "RecordOutcomes", "RecordOutcomeBatches", "Stats", "Checkpoint")
 QUEUES = ("owner", "predict")
 LIVE_SOURCES = ("served", "fusion", "average")
 CHECKPOINT_ACTIONS = ("save", "restore")

@@ -14,7 +14,7 @@ queue raises OverloadedError at once. It drains what is queued, commits the outc
 the journal in one transaction, learns them in journal order, publishes a new Published (snapshot +
 statistics), and only then answers the batch: nothing is acknowledged before its commit, and a
 Predict sent after a RecordOutcome's acknowledgement sees the model that includes it. A
-RecordOutcomes (bulk) chunk is acknowledged once journaled; while a bulk stream arrives and no
+bulk chunk (RecordOutcomes, RecordOutcomeBatches) is acknowledged once journaled; while a bulk stream arrives and no
 caller waits for an outcome, the owner journals first (waiting briefly for the next chunk rather
 than training between chunks) and training catches up from the backlog after it. The backlog keeps
 only sequence numbers in memory; its events are read back from the journal as they are learned.

@@ -11,7 +11,7 @@ model should learn them:
 - `expert.<name>`: that expert's prob_up; `confidence.<name>` optional; an empty cell is missing;
 - `feature.<name>`: a market feature. Other columns are ignored.
 
-Rows stream over one RecordOutcomes call, journaled with RecordOutcome's guarantees; training may
+Rows stream over one RecordOutcomeBatches call, many to a message, journaled with RecordOutcome's guarantees; training may
 trail the journal and the command waits for it with `--wait`. Needs grpcio, protobuf and tqdm only.
 
     >>> rows = parse_rows([{"event_id": "c1", "actual_direction": "up", "expert.a": "0.6",

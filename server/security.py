@@ -7,7 +7,8 @@ Which calls need the token, when one is configured (service.token or service.tok
     FusionService/Predict, FusionService/Stats       only with protect_reads
     grpc.reflection.*                                only with protect_reads
     grpc.health.v1.Health/*                          only with protect_health
-    every other method (RecordOutcome, RecordOutcomes, Checkpoint, and any method added later)
+    every other method (RecordOutcome, RecordOutcomes, RecordOutcomeBatches, Checkpoint, and any
+    method added later)
                                                      always: unknown methods fail closed
 
 A call that needs the token and carries no "authorization: Bearer <token>" metadata gets
@@ -287,10 +288,11 @@ def log_posture(config: ServiceConfig, tokens: TokenSource | None) -> None:
     tls = ("mutual TLS" if config.tls_client_ca_file else "TLS") if config.tls_cert_file else "plaintext"
     if tokens is None:
         log.warning("no token configured (service.token / TITAN_FUSION_TOKEN / service.token_file): "
-                    "RecordOutcome, RecordOutcomes and Checkpoint are open to every client that reaches "
+                    "RecordOutcome, the bulk RecordOutcomes/RecordOutcomeBatches and Checkpoint are open to "
+                    "every client that reaches "
                     "%s:%s (%s)", config.host, config.port, tls)
         return
-    protected = ["RecordOutcome", "RecordOutcomes", "Checkpoint"]
+    protected = ["RecordOutcome", "RecordOutcomes", "RecordOutcomeBatches", "Checkpoint"]
     if config.protect_reads:
         protected += ["Predict", "Stats", "reflection"]
     if config.protect_health:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -287,6 +287,17 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
 
     @_rpc("RecordOutcomes")
     def RecordOutcomes(self, request_iterator: Any, context: grpc.ServicerContext) -> pb.RecordOutcomesResponse:
+        return self._bulk(request_iterator, context)
+
+    @_rpc("RecordOutcomeBatches")
+    def RecordOutcomeBatches(self, request_iterator: Any,
+                             context: grpc.ServicerContext) -> pb.RecordOutcomesResponse:
+        return self._bulk((row for batch in request_iterator for row in batch.outcomes), context)
+
+    def _bulk(self, rows_in: Iterator[pb.RecordOutcomeRequest],
+              context: grpc.ServicerContext) -> pb.RecordOutcomesResponse:
+        """Journal a stream of rows in chunks of BULK_CHUNK (at most BULK_INFLIGHT queued at the
+        owner at once) and sum up the owner's answers; a row's index counts rows from the start."""
         deadline = _deadline(context)
         resp = pb.RecordOutcomesResponse()
         inflight: deque[futures.Future] = deque()
@@ -312,7 +323,7 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         # The rows go to the owner as they came, converted there (bulk_row): this thread only
         # receives, so that receiving the next row never waits for converting the last one.
         chunk: list = []
-        rows = enumerate(request_iterator)
+        rows = enumerate(rows_in)
         while True:
             try:
                 index, request = next(rows)

@@ -176,7 +176,7 @@ SERVICE_HELP: dict[str, str] = {
     "tls_key_file": "PEM private key of tls_cert_file",
     "tls_client_ca_file": "PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS); "
                           "needs tls_cert_file",
-    "token": "bearer token required on RecordOutcome, RecordOutcomes and Checkpoint (\"authorization: Bearer "
+    "token": "bearer token required on RecordOutcome, the bulk streams and Checkpoint (\"authorization: Bearer "
              f"<token>\"), at least {MIN_TOKEN_LENGTH} characters; a secret, never logged: prefer the environment "
              "variable or token_file to the flag. Empty (and no token_file): every RPC is open",
     "token_file": "file holding the bearer token(s), one per line (several during a rotation); re-read when it "

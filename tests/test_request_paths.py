@@ -275,9 +275,10 @@ def test_journal_falls_back_to_row_by_row(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- bulk rows against single outcomes
 
 def test_a_bulk_stream_journals_and_refuses_what_single_outcomes_would(tmp_path):
-    """The same rows, streamed in one RecordOutcomes to one service and sent one RecordOutcome at
-    a time to another: the same rows accepted, duplicated and refused (same status, same message),
-    and the same journal. The rows mix everything the bulk path shortcuts: repeated expert and
+    """The same rows, streamed in one RecordOutcomes to one service, in one RecordOutcomeBatches
+    (batches of uneven sizes, one empty) to another, and sent one RecordOutcome at a time to a
+    third: the same rows accepted, duplicated and refused (same status, same message, the same row
+    index across batches), and the same journal. The rows mix everything the bulk path shortcuts: repeated expert and
     feature names (checked once per chunk), reordered and unnamed experts, unknown and missing
     names, the wrong expert count, bad values, duplicates within the stream."""
     import grpc
@@ -300,11 +301,16 @@ def test_a_bulk_stream_journals_and_refuses_what_single_outcomes_would(tmp_path)
              req(e, f, ""), req(e, f, ""), req(e[::-1], {"rsi": f["rsi"], "close": f["close"]}, "both-reordered")]
     rows += [req(e, f, f"s{i}", d) for i, (e, f, d) in enumerate(evs[31:])] + [rows[40]]
 
+    cuts = [0, 7, 7, 31, 33, 60, len(rows)]  # batches of 7, 0, 24, 2, 27 and the rest
+    batches = [pb.RecordOutcomeBatch(outcomes=rows[i:j]) for i, j in zip(cuts, cuts[1:])]
     a, a_port, _ = start(tmp_path / "a")
     b, b_port, _ = start(tmp_path / "b")
+    c, c_port, _ = start(tmp_path / "c")
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{a_port}") as ca, grpc.insecure_channel(f"127.0.0.1:{b_port}") as cb:
+        with grpc.insecure_channel(f"127.0.0.1:{a_port}") as ca, grpc.insecure_channel(f"127.0.0.1:{b_port}") as cb, \
+                grpc.insecure_channel(f"127.0.0.1:{c_port}") as cc:
             bulk = pb_grpc.FusionServiceStub(ca).RecordOutcomes(iter(rows), timeout=60)
+            batched = pb_grpc.FusionServiceStub(cc).RecordOutcomeBatches(iter(batches), timeout=60)
             one = pb_grpc.FusionServiceStub(cb)
             single = {}
             for i, r in enumerate(rows):
@@ -317,8 +323,11 @@ def test_a_bulk_stream_journals_and_refuses_what_single_outcomes_would(tmp_path)
         assert sorted(refused) == [30, 32, 33, 35, 36] and "unknown expert name(s) 'z'" in refused[32][1]
         assert bulk.duplicates == sum(s == "duplicate" for s in single.values()) == 2
         assert bulk.accepted == sum(s == "accepted" for s in single.values())
+        assert batched == bulk
         table = "SELECT event_id, payload, label FROM outcomes ORDER BY seq"
-        assert a.journal._db.execute(table).fetchall() == b.journal._db.execute(table).fetchall()
+        journal = a.journal._db.execute(table).fetchall()
+        assert journal == b.journal._db.execute(table).fetchall() == c.journal._db.execute(table).fetchall()
     finally:
         a.stop(grace=1)
         b.stop(grace=1)
+        c.stop(grace=1)

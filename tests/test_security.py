@@ -242,20 +242,22 @@ def test_a_malformed_authorization_header_is_unauthenticated(serve: Any) -> None
     assert stub.Checkpoint(request, metadata=(("authorization", f"bearer {TOKEN}"),), timeout=5) is not None
 
 
-@pytest.mark.skipif("RecordOutcomes" not in pb.DESCRIPTOR.services_by_name["FusionService"].methods_by_name,
-                    reason="the proto has no RecordOutcomes")
-def test_the_bulk_outcome_stream_needs_the_token_too(serve: Any) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["RecordOutcomes", "RecordOutcomeBatches"])
+def test_the_bulk_outcome_streams_need_the_token_too(serve: Any, batched: bool) -> None:
     s = serve(token=TOKEN)
     stub = pb_grpc.FusionServiceStub(s.channel())
     experts, features = experts_and_features()
+    row = pb.RecordOutcomeRequest(experts=to_pb_experts(experts), features=features,
+                                  actual_direction=pb.DIRECTION_UP, event_id="bulk-0")
+    call = stub.RecordOutcomeBatches if batched else stub.RecordOutcomes
 
-    def rows() -> Iterator[pb.RecordOutcomeRequest]:
-        yield pb.RecordOutcomeRequest(experts=to_pb_experts(experts), features=features,
-                                      actual_direction=pb.DIRECTION_UP, event_id="bulk-0")
+    def rows() -> Iterator[Any]:
+        yield pb.RecordOutcomeBatch(outcomes=[row]) if batched else row
 
-    assert rpc_error(stub.RecordOutcomes, rows(), timeout=5).code() is grpc.StatusCode.UNAUTHENTICATED
-    assert rpc_error(stub.RecordOutcomes, rows(), metadata=bearer(WRONG), timeout=5).code() \
-        is grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_error(call, rows(), timeout=5).code() is grpc.StatusCode.UNAUTHENTICATED
+    assert rpc_error(call, rows(), metadata=bearer(WRONG), timeout=5).code() is grpc.StatusCode.PERMISSION_DENIED
+    result = call(rows(), metadata=bearer(TOKEN), timeout=5)
+    assert (result.accepted, result.rejected) == (1, 0)
 
 
 def test_protect_reads_covers_predict_stats_and_reflection(serve: Any) -> None:

@@ -124,6 +124,12 @@ class RecordOutcomeResponse(_message.Message):
     used_predict_inputs: bool
     def __init__(self, duplicate: _Optional[bool] = ..., samples_trained: _Optional[int] = ..., model_version: _Optional[int] = ..., used_predict_inputs: _Optional[bool] = ...) -> None: ...
 
+class RecordOutcomeBatch(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[RecordOutcomeRequest]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[RecordOutcomeRequest, _Mapping]]] = ...) -> None: ...
+
 class RejectedOutcome(_message.Message):
     __slots__ = ("index", "event_id", "code", "message")
     INDEX_FIELD_NUMBER: _ClassVar[int]

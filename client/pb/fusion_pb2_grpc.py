@@ -63,6 +63,11 @@ class FusionServiceStub:
                 request_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeRequest.SerializeToString,
                 response_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.FromString,
                 _registered_method=True)
+        self.RecordOutcomeBatches = channel.stream_unary(
+                '/titan.fusion.v1.FusionService/RecordOutcomeBatches',
+                request_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeBatch.SerializeToString,
+                response_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.FromString,
+                _registered_method=True)
 
 
 class FusionServiceServicer:
@@ -114,6 +119,17 @@ class FusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordOutcomeBatches(self, request_iterator, context):
+        """Bulk replay with many rows per message: the same rows, guarantees and answer as
+        RecordOutcomes, where a row's index counts rows across the whole stream. Faster: gRPC costs the
+        server tens of microseconds per message whatever its size, so one row per message caps a
+        stream at about 10,000 rows/s here. What the client's record_outcomes and `titan-fusion replay`
+        use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FusionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +156,11 @@ def add_FusionServiceServicer_to_server(servicer, server):
             'RecordOutcomes': grpc.stream_unary_rpc_method_handler(
                     servicer.RecordOutcomes,
                     request_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeRequest.FromString,
+                    response_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.SerializeToString,
+            ),
+            'RecordOutcomeBatches': grpc.stream_unary_rpc_method_handler(
+                    servicer.RecordOutcomeBatches,
+                    request_deserializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeBatch.FromString,
                     response_serializer=titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.SerializeToString,
             ),
     }
@@ -281,6 +302,33 @@ class FusionService:
             target,
             '/titan.fusion.v1.FusionService/RecordOutcomes',
             titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeRequest.SerializeToString,
+            titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOutcomeBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/titan.fusion.v1.FusionService/RecordOutcomeBatches',
+            titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomeBatch.SerializeToString,
             titan__fusion_dot_client_dot_pb_dot_fusion__pb2.RecordOutcomesResponse.FromString,
             options,
             channel_credentials,
