@@ -307,6 +307,13 @@ class TrainStep:
     fused aten kernels for the LayerNorm, softmax and GELU backward passes, and gradients written
     straight into their (flat) buffers with out=.
 
+    Denormal floats are flushed to zero while it runs (torch.set_flush_denormal, this thread's
+    FTZ/DAZ flags, restored after): the skill prior drives some pooling attention weights below
+    1e-38, and the gradients that flow back through them stay denormal through the whole backward.
+    Every matrix product or GELU that reads a denormal falls to x86's microcode path, which made
+    the step ~25% slower (2.3 to 1.75 ms here); the values flushed are below 1.2e-38, far under the
+    rounding error of the gradients they are added to. Nothing else in the process sets the flags.
+
     The network's parameters must not be re-created after this is built (in-place updates, e.g. an
     optimizer's or load_state_dict's, are seen)."""
 
@@ -322,6 +329,14 @@ class TrainStep:
 
     def __call__(self, experts: torch.Tensor, feats: torch.Tensor | None, targets: torch.Tensor,
                  skill: torch.Tensor | None, masks: DropoutMasks | None) -> torch.Tensor:
+        torch.set_flush_denormal(True)
+        try:
+            return self._forward_backward(experts, feats, targets, skill, masks)
+        finally:
+            torch.set_flush_denormal(False)
+
+    def _forward_backward(self, experts: torch.Tensor, feats: torch.Tensor | None, targets: torch.Tensor,
+                          skill: torch.Tensor | None, masks: DropoutMasks | None) -> torch.Tensor:
         c, P, G = self.c, self.p, self.g
         B, n, _ = experts.shape
         if n != c.n_experts:
