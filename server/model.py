@@ -102,8 +102,13 @@ class MaskSource:
         sizes = [math.prod(s) for s in shapes]
         total = sum(sizes)
         bits = self._bits.random_raw((total + 3) // 4).view(np.uint16)[:total]
-        flat = torch.from_numpy(np.multiply(bits >= self._threshold, self._scale, dtype=np.float32))
-        return DropoutMasks(*(part.view(s) for part, s in zip(flat.split(sizes), shapes)))
+        flat = np.multiply(bits >= self._threshold, self._scale, dtype=np.float32)
+        # cut in numpy, then wrapped: ~2 us a mask, against ~5 for torch's split and view
+        masks, offset = [], 0
+        for shape, size in zip(shapes, sizes):
+            masks.append(torch.from_numpy(flat[offset:offset + size].reshape(shape)))
+            offset += size
+        return DropoutMasks(*masks)
 
     def state(self) -> dict:
         return self._bits.state
