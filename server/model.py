@@ -365,6 +365,8 @@ class TrainStep:
                 p.grad = torch.zeros_like(p)
         self.p = {n: p.detach() for n, p in named.items()}
         self.g = {n: p.grad for n, p in named.items()}
+        # W^T of each weight matrix, the forward's addmm operand: views made once, not per call
+        self.pt = {n: p.t() for n, p in self.p.items() if p.dim() == 2}
 
     def __call__(self, experts: torch.Tensor, feats: torch.Tensor | None, targets: torch.Tensor,
                  skill: torch.Tensor | None, masks: DropoutMasks | None) -> torch.Tensor:
@@ -376,7 +378,7 @@ class TrainStep:
 
     def _forward_backward(self, experts: torch.Tensor, feats: torch.Tensor | None, targets: torch.Tensor,
                           skill: torch.Tensor | None, masks: DropoutMasks | None) -> torch.Tensor:
-        c, P, G = self.c, self.p, self.g
+        c, P, G, PT = self.c, self.p, self.g, self.pt
         B, n, _ = experts.shape
         if n != c.n_experts:
             raise ValueError(f"expected {c.n_experts} experts, got {n}")
@@ -390,16 +392,16 @@ class TrainStep:
         with torch.no_grad():
             # ---------------------------------------------------------------- forward
             x2 = experts.reshape(Bn, EXPERT_INPUTS)
-            own = addmm(P["expert_in.bias"], x2, P["expert_in.weight"].t())  # (Bn, C)
+            own = addmm(P["expert_in.bias"], x2, PT["expert_in.weight"])  # (Bn, C)
             if c.expert_identity:
                 own = (own.view(B, n, C) + P["expert_id.weight"]).view(Bn, C)
             if nf:
-                ft = addmm(P["feature_in.bias"] + P["feature_type"], feats, P["feature_in.weight"].t())  # (B, C)
+                ft = addmm(P["feature_in.bias"] + P["feature_type"], feats, PT["feature_in.weight"])  # (B, C)
                 tokens = torch.cat((own.view(B, n, C), ft.view(B, 1, C)), dim=1)  # (B, T, C)
             else:
                 tokens = own.view(B, n, C)
             h1, mu1, rs1 = torch.native_layer_norm(tokens, (C,), P["block.ln_1.weight"], P["block.ln_1.bias"], 1e-5)
-            qkv = addmm(P["block.attn.qkv.bias"], h1.view(B * T, C), P["block.attn.qkv.weight"].t())
+            qkv = addmm(P["block.attn.qkv.bias"], h1.view(B * T, C), PT["block.attn.qkv.weight"])
             # heads-major, (3, B nh, T, hs), in one copy: q, k and v are views bmm reads as they are
             # (a copy per part took ~2x as long; the backward's dqkv mirrors it)
             qkv = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).reshape(3, B * nh, T, hs)
@@ -407,23 +409,23 @@ class TrainStep:
             att = _softmax_last_(torch.bmm(q, k.transpose(1, 2)).mul_(scale))  # (B nh, n, T)
             attd = att * masks.attn.view(B * nh, n, T) if masks is not None else att
             y = torch.bmm(attd, v).view(B, nh, n, hs).transpose(1, 2).reshape(Bn, C)
-            ao = addmm(P["block.attn.proj.bias"], y, P["block.attn.proj.weight"].t()).view(B, n, C)
+            ao = addmm(P["block.attn.proj.bias"], y, PT["block.attn.proj.weight"]).view(B, n, C)
             tok_n = tokens[:, :n]
             x1 = torch.addcmul(tok_n, ao, masks.resid) if masks is not None else tok_n + ao  # (B, n, C)
             h2, mu2, rs2 = torch.native_layer_norm(x1, (C,), P["block.ln_2.weight"], P["block.ln_2.bias"], 1e-5)
-            u = addmm(P["block.mlp.fc.bias"], h2.view(Bn, C), P["block.mlp.fc.weight"].t())  # (Bn, H)
+            u = addmm(P["block.mlp.fc.bias"], h2.view(Bn, C), PT["block.mlp.fc.weight"])  # (Bn, H)
             g, gs = _gelu_tanh(u)
-            mo = addmm(P["block.mlp.proj.bias"], g, P["block.mlp.proj.weight"].t()).view(B, n, C)
+            mo = addmm(P["block.mlp.proj.bias"], g, PT["block.mlp.proj.weight"]).view(B, n, C)
             ctx = torch.addcmul(x1, mo, masks.mlp) if masks is not None else x1 + mo  # (B, n, C)
             # pooling: per head, scores over the expert tokens, kept as (B, n, nh)
             if nf:
-                qp = addmm(P["pool.query"], feats, P["pool.query_from_features.weight"].t())  # (B, C)
+                qp = addmm(P["pool.query"], feats, PT["pool.query_from_features.weight"])  # (B, C)
             else:
                 qp = P["pool.query"].expand(B, C)
             qs = (qp * scale).view(B, 1, nh, hs)
             hp, mup, rsp = torch.native_layer_norm(ctx, (C,), P["pool.ln.weight"], P["pool.ln.bias"], 1e-5)
-            K = addmm(P["pool.key.bias"], hp.view(Bn, C), P["pool.key.weight"].t()).view(B, n, nh, hs)
-            V = addmm(P["pool.value.bias"], own, P["pool.value.weight"].t()).view(B, n, nh, hs)
+            K = addmm(P["pool.key.bias"], hp.view(Bn, C), PT["pool.key.weight"]).view(B, n, nh, hs)
+            V = addmm(P["pool.value.bias"], own, PT["pool.value.weight"]).view(B, n, nh, hs)
             sp = (qs * K).sum(-1)  # (B, n, nh)
             if c.skill_bias:
                 s3 = skill.view(B, n, 1)
@@ -431,7 +433,7 @@ class TrainStep:
             w = torch.softmax(sp, dim=1)  # (B, n, nh)
             pooled = (w.unsqueeze(-1) * V).sum(1).view(B, C)
             pd = pooled * masks.pooled if masks is not None else pooled
-            logits = addmm(P["head.bias"], pd, P["head.weight"].t())  # (B, 2)
+            logits = addmm(P["head.bias"], pd, PT["head.weight"])  # (B, 2)
             if c.logit_pool:
                 wm = w.mean(2)  # (B, n)
                 x0 = experts[:, :, 0]
