@@ -121,7 +121,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
-#: record_outcomes sends this many rows per message, or fewer to stay under BULK_MESSAGE_BYTES.
+#: record_outcomes sends this many rows per message, or fewer: a message is cut as soon as its
+#: rows reach BULK_MESSAGE_BYTES (a row the service accepts is under 50 KiB: 64 experts and 256
+#: features with 128-character names), so a message stays far below MAX_MESSAGE_BYTES.
 BULK_ROWS_PER_MESSAGE = 256
 BULK_MESSAGE_BYTES = 1024 * 1024
 

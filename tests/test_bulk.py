@@ -1,4 +1,5 @@
-"""Bulk replay: RecordOutcomes (client streaming) and `titan-fusion replay FILE`."""
+"""Bulk replay: RecordOutcomeBatches (client streaming, what the client sends), RecordOutcomes and
+`titan-fusion replay FILE`."""
 from __future__ import annotations
 
 import csv
@@ -102,3 +103,32 @@ def test_replay_command_sends_a_csv_file(service, stream, tmp_path):
     assert client.stats()["samples_trained"] == 200
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "journaled 0 outcomes (200 duplicates, 1 rejected)" in out.stdout
+
+
+def test_record_outcomes_cuts_messages_by_rows_and_by_size(service, stream, monkeypatch):
+    """Rows travel BULK_ROWS_PER_MESSAGE to a message, fewer when they reach BULK_MESSAGE_BYTES
+    first; the answer is the same however they are cut, indices counting rows."""
+    from titan_fusion.client import client as client_module
+    svc, client, _ = service
+    sent: list[int] = []
+    invoke = client._invoke
+
+    def spy(method, batches, timeout, **kw):
+        batches = list(batches)
+        sent.extend(len(b.outcomes) for b in batches)
+        return invoke(method, iter(batches), timeout, **kw)
+
+    monkeypatch.setattr(client, "_invoke", spy)
+    monkeypatch.setattr(client_module, "BULK_ROWS_PER_MESSAGE", 7)
+    events = list(stream(65, 40))
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"cut{i}"} for i, (e, f, d) in enumerate(events)]
+    rows[20]["actual_direction"] = "SIDEWAYS"
+    result = client.record_outcomes(rows)
+    assert sent == [7] * 5 + [5]
+    assert (result.accepted, result.rejected) == (39, 1) and result.rejections[0]["index"] == 20
+    # a message is cut once its rows reach the byte budget: here every row does
+    monkeypatch.setattr(client_module, "BULK_MESSAGE_BYTES", 1)
+    sent.clear()
+    again = client.record_outcomes(rows)
+    assert sent == [1] * 40
+    assert (again.accepted, again.duplicates, again.rejected) == (0, 39, 1) and again.rejections[0]["index"] == 20
