@@ -303,6 +303,12 @@ def _layer_norm_grad(P: dict, G: dict, name: str, d: torch.Tensor, x: torch.Tens
     return dx
 
 
+def flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (torch can set it, not report it): a
+    float32 product that should be denormal comes out 0. About 1 us."""
+    return float(np.multiply(np.float32(1e-30), np.float32(1e-10))) == 0.0
+
+
 def _softmax_last_(x: torch.Tensor) -> torch.Tensor:
     """softmax over the last dimension, in place. torch's CPU softmax over a last dimension as
     short as the block's attention rows (8 tokens) costs ~70 us on (64, 7, 8) here; these four
@@ -348,12 +354,14 @@ class TrainStep:
     fused aten kernels for the LayerNorm and pooling softmax backward passes, and gradients written
     straight into their (flat) buffers with out=.
 
-    Denormal floats are flushed to zero while it runs (torch.set_flush_denormal, this thread's
-    FTZ/DAZ flags, restored after): the skill prior drives some pooling attention weights below
-    1e-38, and the gradients that flow back through them stay denormal through the whole backward.
-    Every matrix product or GELU that reads a denormal falls to x86's microcode path, which made
-    the step ~25% slower (2.3 to 1.75 ms here); the values flushed are below 1.2e-38, far under the
-    rounding error of the gradients they are added to. Nothing else in the process sets the flags.
+    Denormal floats are flushed to zero while it runs (torch.set_flush_denormal: this thread's
+    FTZ/DAZ flags, put back as they were after): the skill prior drives some pooling attention
+    weights below 1e-38, and the gradients that flow back through them stay denormal through the
+    whole backward. Every matrix product or GELU that reads a denormal falls to x86's microcode
+    path, which made the step ~25% slower (2.3 to 1.75 ms here); the values flushed are below
+    1.2e-38, far under the rounding error of the gradients they are added to. Only with one
+    intra-op thread (the service's setting): torch's worker threads, created on demand, would
+    inherit the flags and keep them.
 
     The network's parameters must not be re-created after this is built (in-place updates, e.g. an
     optimizer's or load_state_dict's, are seen)."""
@@ -372,6 +380,8 @@ class TrainStep:
 
     def __call__(self, experts: torch.Tensor, feats: torch.Tensor | None, targets: torch.Tensor,
                  skill: torch.Tensor | None, masks: DropoutMasks | None) -> torch.Tensor:
+        if torch.get_num_threads() != 1 or flushing_denormals():
+            return self._forward_backward(experts, feats, targets, skill, masks)
         torch.set_flush_denormal(True)
         try:
             return self._forward_backward(experts, feats, targets, skill, masks)

@@ -645,6 +645,42 @@ def test_train_step_equals_autograd_through_the_module(cfg, n_features, dropout)
         assert float((a.grad - b.grad).abs().max()) <= tol, name
 
 
+def test_train_step_flushes_denormals_only_while_it_runs_and_puts_the_flag_back(monkeypatch):
+    """The step turns flushing on for itself with one intra-op thread, and leaves the thread's flag
+    as it found it: off stays off, on stays on; with more threads (whose workers would inherit the
+    flag) it does not touch it. The flag itself is read, not mocked; the setter is watched."""
+    from titan_fusion.server.model import TrainStep, flushing_denormals
+    torch.manual_seed(5)
+    c = NetConfig(4, 2, skill_bias=True, logit_pool=True)
+    step = TrainStep(FusionNet(c))
+    x, y, skill, feats = torch.randn(8, 4, 3), torch.randint(0, 2, (8,)), torch.randn(8, 4), torch.randn(8, 2)
+    seen: list[bool] = []
+    real = torch.set_flush_denormal
+
+    def watch(on: bool) -> bool:
+        seen.append(on)
+        return real(on)
+
+    monkeypatch.setattr(torch, "set_flush_denormal", watch)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not flushing_denormals()
+        step(x, feats, y, skill, None)
+        assert seen == [True, False] and not flushing_denormals()
+        real(True)
+        seen.clear()
+        step(x, feats, y, skill, None)
+        assert seen == [] and flushing_denormals()  # already on: left on
+        real(False)
+        torch.set_num_threads(2)
+        step(x, feats, y, skill, None)
+        assert seen == [] and not flushing_denormals()
+    finally:
+        real(False)
+        torch.set_num_threads(threads)
+
+
 def test_training_forward_with_all_kept_masks_is_the_eval_forward():
     """Masks only drop: with every element kept (scale 1) training mode computes eval mode's function."""
     from titan_fusion.server.model import DropoutMasks
