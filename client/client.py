@@ -121,11 +121,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
-#: record_outcomes sends this many rows per message, or fewer: a message is cut as soon as its
-#: rows reach BULK_MESSAGE_BYTES (a row the service accepts is under 50 KiB: 64 experts and 256
-#: features with 128-character names), so a message stays far below MAX_MESSAGE_BYTES.
+#: record_outcomes sends up to this many rows per message, and fewer when the next row would take
+#: a message past BULK_MESSAGE_BYTES (a row too big for that goes alone): 256 typical rows are about
+#: 30 KiB. A server whose service.max_message_bytes is below BULK_MESSAGE_BYTES needs
+#: record_outcomes(..., max_message_bytes=...) to match.
 BULK_ROWS_PER_MESSAGE = 256
-BULK_MESSAGE_BYTES = 1024 * 1024
+BULK_MESSAGE_BYTES = 256 * 1024
 
 _BACKOFF_INITIAL = 0.05  # seconds before the first retry of an outcome
 _BACKOFF_MAX = 1.0
@@ -426,37 +427,66 @@ class FusionClient:
             return convert.outcome_ack_from_proto(response, attempts=attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def record_outcomes(self, outcomes: Iterable[Mapping[str, Any]], *, timeout: float | None = 3600.0) -> BulkResult:
+    def record_outcomes(self, outcomes: Iterable[Mapping[str, Any]], *, timeout: float | None = 3600.0,
+                        rows_per_message: int = BULK_ROWS_PER_MESSAGE,
+                        max_message_bytes: int = BULK_MESSAGE_BYTES) -> BulkResult:
         """Bulk replay: stream many outcomes in one call (backtests, backfill).
 
         Each item is a mapping with "experts", "actual_direction", and optionally "features" and
         "event_id" (strongly recommended: it makes a re-run idempotent). The service journals them
         with RecordOutcome's guarantees and answers once all are journaled; training may trail the
-        journal (`stats()["service"]["training_lag"]`). Bad rows are rejected and reported by index,
-        the others accepted. Not retried: re-run it with the same event_ids instead (duplicates are
-        acknowledged, not learned twice). `timeout` bounds the whole stream (default one hour).
+        journal (`stats()["service"]["training_lag"]`). Rows the service refuses are reported by
+        index, the others accepted. Not retried: re-run it with the same event_ids instead
+        (duplicates are acknowledged, not learned twice). `timeout` bounds the whole stream
+        (default one hour).
 
-        The rows travel BULK_ROWS_PER_MESSAGE to a message (RecordOutcomeBatches), which needs a
-        server of this version or later.
+        The rows travel up to `rows_per_message` to a message and under `max_message_bytes`
+        (RecordOutcomeBatches, which needs a server of this version or later: an older one gets
+        an error that says so). An item this client cannot convert (say, an event_id that is not a
+        str) ends the stream there: the rows before it are sent and journaled, and its error is
+        raised after the service has answered for them.
         """
-        def batches():
-            batch = pb.RecordOutcomeBatch()
-            rows, size = batch.outcomes, 0
-            for item in outcomes:
-                experts = item.get("experts")
-                row = rows.add(
-                    experts=convert.to_expert_forecasts(experts) if experts else [],
-                    features=convert.to_features(item.get("features")),
-                    event_id=_check_event_id(item.get("event_id")),
-                    actual_direction=_bulk_direction(item.get("actual_direction")))
-                size += row.ByteSize()
-                if len(rows) >= BULK_ROWS_PER_MESSAGE or size >= BULK_MESSAGE_BYTES:
-                    yield batch
-                    batch = pb.RecordOutcomeBatch()
-                    rows, size = batch.outcomes, 0
-            if rows:
+        if rows_per_message < 1 or max_message_bytes < 1:
+            raise ValueError("rows_per_message and max_message_bytes must be >= 1")
+        failed: list[Exception] = []
+
+        def batches() -> Iterable[pb.RecordOutcomeBatch]:
+            batch, size = pb.RecordOutcomeBatch(), 0
+            try:
+                for item in outcomes:
+                    experts = item.get("experts")
+                    row = pb.RecordOutcomeRequest(
+                        experts=convert.to_expert_forecasts(experts) if experts else [],
+                        features=convert.to_features(item.get("features")),
+                        event_id=_check_event_id(item.get("event_id")),
+                        actual_direction=_bulk_direction(item.get("actual_direction")))
+                    row_size = row.ByteSize() + 6  # with its tag and length in the batch (at most 6 bytes)
+                    if batch.outcomes and (len(batch.outcomes) >= rows_per_message
+                                           or size + row_size > max_message_bytes):
+                        yield batch
+                        batch, size = pb.RecordOutcomeBatch(), 0
+                    batch.outcomes.append(row)
+                    size += row_size
+            except Exception as e:  # raised below, once the service has answered for the rows before
+                failed.append(e)
+            if batch.outcomes:
                 yield batch
-        return convert.bulk_result_from_proto(self._invoke("RecordOutcomeBatches", batches(), timeout))
+
+        try:
+            response = self._invoke("RecordOutcomeBatches", batches(), timeout)
+        except ServerError as e:
+            if e.code is grpc.StatusCode.UNIMPLEMENTED:
+                raise ServerError("the service does not implement RecordOutcomeBatches: it is older than "
+                                  "this client; upgrade it (or stream RecordOutcomes yourself)",
+                                  code=e.code) from e
+            raise
+        result = convert.bulk_result_from_proto(response)
+        if failed:
+            failed[0].add_note(f"record_outcomes: the stream ended at this item; the {result.accepted} rows "
+                               f"accepted before it are journaled ({result.duplicates} duplicates, "
+                               f"{result.rejected} rejected)")
+            raise failed[0]
+        return result
 
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Training statistics, attention weights and the service's counters, as one dict.

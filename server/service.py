@@ -324,14 +324,20 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         # receives, so that receiving the next row never waits for converting the last one.
         chunk: list = []
         rows = enumerate(rows_in)
+        received = 0
         while True:
             try:
                 index, request = next(rows)
             except StopIteration:
                 break
-            except grpc.RpcError:  # the client cancelled or broke the stream: what was sent stays sent
-                log.info("a RecordOutcomes stream ended early after %d rows", resp.accepted + resp.rejected)
+            except grpc.RpcError:
+                # The client cancelled or broke the stream. The chunks already handed to the owner
+                # are journaled; the rows of the chunk being gathered are dropped (a re-run with
+                # the same event_ids journals exactly what is missing).
+                log.info("a bulk outcome stream ended early: %d rows received, the first %d handed to the owner",
+                         received, received - len(chunk))
                 raise ClientGoneError("the client ended the stream") from None
+            received = index + 1
             chunk.append((index, request))
             if len(chunk) >= BULK_CHUNK:
                 inflight.append(self._owner.submit("bulk", (chunk, bulk_row), deadline, block=True))

@@ -106,29 +106,71 @@ def test_replay_command_sends_a_csv_file(service, stream, tmp_path):
 
 
 def test_record_outcomes_cuts_messages_by_rows_and_by_size(service, stream, monkeypatch):
-    """Rows travel BULK_ROWS_PER_MESSAGE to a message, fewer when they reach BULK_MESSAGE_BYTES
-    first; the answer is the same however they are cut, indices counting rows."""
-    from titan_fusion.client import client as client_module
+    """Rows travel rows_per_message to a message, fewer when the next row would take a message past
+    max_message_bytes (a row too big for it goes alone); the answer is the same however they are
+    cut, indices counting rows."""
     svc, client, _ = service
     sent: list[int] = []
+    sizes: list[int] = []
     invoke = client._invoke
 
     def spy(method, batches, timeout, **kw):
         batches = list(batches)
         sent.extend(len(b.outcomes) for b in batches)
+        sizes.extend(b.ByteSize() for b in batches)
         return invoke(method, iter(batches), timeout, **kw)
 
     monkeypatch.setattr(client, "_invoke", spy)
-    monkeypatch.setattr(client_module, "BULK_ROWS_PER_MESSAGE", 7)
     events = list(stream(65, 40))
-    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"cut{i}"} for i, (e, f, d) in enumerate(events)]
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"cut{i:02d}"}
+            for i, (e, f, d) in enumerate(events)]
     rows[20]["actual_direction"] = "SIDEWAYS"
-    result = client.record_outcomes(rows)
+    result = client.record_outcomes(rows, rows_per_message=7)
     assert sent == [7] * 5 + [5]
     assert (result.accepted, result.rejected) == (39, 1) and result.rejections[0]["index"] == 20
-    # a message is cut once its rows reach the byte budget: here every row does
-    monkeypatch.setattr(client_module, "BULK_MESSAGE_BYTES", 1)
+    # a byte budget of about three rows: three to a message, never over it; a big row goes alone
+    budget = 3 * (len(pb_row(rows[0]).SerializeToString()) + 6)
+    rows[30] = {**rows[30], "features": {**rows[30]["features"], **{f"f{k}": 1.0 for k in range(40)}}}
     sent.clear()
-    again = client.record_outcomes(rows)
-    assert sent == [1] * 40
-    assert (again.accepted, again.duplicates, again.rejected) == (0, 39, 1) and again.rejections[0]["index"] == 20
+    sizes.clear()
+    again = client.record_outcomes(rows, max_message_bytes=budget)
+    assert sent == [3] * 10 + [1, 3, 3, 3] and max(sizes[:10] + sizes[11:]) <= budget < sizes[10]
+    assert (again.accepted, again.duplicates, again.rejected) == (0, 38, 2)
+    assert [r["index"] for r in again.rejections] == [20, 30]  # the big row: an unknown feature
+
+
+def pb_row(item):
+    from titan_fusion.client.convert import to_expert_forecasts
+    from titan_fusion.client.pb import fusion_pb2 as pb
+    return pb.RecordOutcomeRequest(experts=to_expert_forecasts(item["experts"]), features=item["features"],
+                                   event_id=item["event_id"], actual_direction=pb.DIRECTION_UP)
+
+
+def test_record_outcomes_sends_the_rows_before_one_it_cannot_convert_then_raises(service, stream):
+    svc, client, _ = service
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"conv{i}"}
+            for i, (e, f, d) in enumerate(stream(66, 600))]
+    rows[550]["event_id"] = 550  # not a str: the client refuses it
+    with pytest.raises(TypeError) as err:
+        client.record_outcomes(rows)
+    assert "550 rows accepted before it are journaled" in "".join(getattr(err.value, "__notes__", []))
+    assert client.stats()["service"]["journal_sequence"] == 550
+
+
+def test_record_outcomes_against_a_server_without_the_batched_stream_says_so(tmp_path):
+    """A real gRPC server that does not implement RecordOutcomeBatches (as an older service)."""
+    from concurrent import futures
+
+    import grpc
+
+    from titan_fusion.client.errors import ServerError
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
+            with pytest.raises(ServerError, match="does not implement RecordOutcomeBatches") as err:
+                client.record_outcomes([{"experts": [{"prob_up": 0.6}], "actual_direction": "UP"}])
+            assert err.value.code is grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop(None)
