@@ -10,7 +10,7 @@
                           [--fusion.<name> V ...]
                                                    prequential evaluation of the fusion against
                                                    baselines (server/backtest.py; --help for more)
-    titan-fusion replay FILE [--target HOST:PORT] [--wait]
+    titan-fusion replay FILE [--target HOST:PORT] [--wait] [--max-message-bytes N]
                                                    bulk-send a history of outcomes (CSV or Parquet;
                                                    the layout is in server/replay.py)
 
@@ -179,7 +179,10 @@ def _replay(ns: argparse.Namespace) -> int:
     credentials, token, options = client_security(ns)
     if options:  # replay.main takes no channel options
         raise SystemExit("titan-fusion replay: --tls-server-name is not supported; dial a name the certificate holds")
-    return replay(ns.target, ns.file, wait=ns.wait, timeout=ns.timeout, credentials=credentials, token=token)
+    if ns.max_message_bytes is not None and ns.max_message_bytes < 1:
+        raise SystemExit(f"titan-fusion replay: --max-message-bytes must be >= 1, got {ns.max_message_bytes}")
+    return replay(ns.target, ns.file, wait=ns.wait, timeout=ns.timeout, credentials=credentials, token=token,
+                  max_message_bytes=ns.max_message_bytes)
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
@@ -221,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("file", help="CSV (or Parquet) of outcomes; columns: event_id, actual_direction, "
                                         "expert.<name>, confidence.<name>, feature.<name>")
             p.add_argument("--wait", action="store_true", help="wait until training has caught up with the journal")
+            p.add_argument("--max-message-bytes", type=int, default=None, metavar="N",
+                           help="largest message to send (default 262144): at most the server's "
+                                "service.max_message_bytes")
             p.set_defaults(timeout=3600.0)
         if name == "demo":
             p.add_argument("--events", type=int, default=3000, help="events to stream (default 3000)")

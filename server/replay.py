@@ -75,7 +75,8 @@ def read_file(path: Path) -> tuple[Iterator[Mapping[str, Any]], int | None]:
     return iter(csv.DictReader(handle)), total
 
 
-def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None, token=None) -> int:
+def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None, token=None,
+         max_message_bytes: int | None = None) -> int:
     from tqdm import tqdm
 
     from titan_fusion.client import FusionClient, FusionClientError
@@ -84,7 +85,8 @@ def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None
     with FusionClient(target, timeout=timeout, credentials=credentials, token=token) as client:
         bar = tqdm(parse_rows(rows), total=total, unit="outcome", mininterval=0.5)
         try:
-            result = client.record_outcomes(bar, timeout=timeout)
+            sizes = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
+            result = client.record_outcomes(bar, timeout=timeout, **sizes)
         except FusionClientError as e:
             print(f"\n{target}: {e}", file=sys.stderr)
             return 1
