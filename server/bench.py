@@ -83,6 +83,15 @@ def _spawn(args: list[str], ready_file: Path, timeout: float = 60.0) -> tuple[su
     return proc, json.loads(ready_file.read_text())
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it has not exited within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of process `pid` and all its descendants (the service's trainer process and
     the fork server it comes from), MiB."""
@@ -291,11 +300,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         echo_channel.close()
     finally:
         for p in (echo_proc, fusion_proc):
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            _stop(p)
     # bulk replay: RecordOutcomeBatches journaled and acknowledged, then training catching up; on
     # its own service, with the services above stopped
     res["bulk_replay"] = bench_bulk(tmp, quick)
@@ -321,14 +326,17 @@ def bench_bulk(tmp: Path, quick: bool) -> dict:
     warm = list(informative_stream(3, 400))
     events = list(informative_stream(23, n))
 
-    def requests(evs, prefix):  # built before the clock starts, BULK_ROWS_PER_MESSAGE to a message
-        rows = [pb.RecordOutcomeRequest(
+    # messages built before the clock starts, BULK_ROWS_PER_MESSAGE rows to a batch
+    def rows(evs, prefix):
+        return [pb.RecordOutcomeRequest(
             experts=to_expert_forecasts(e), features=f,
             event_id=f"{prefix}-{i}", actual_direction=pb.DIRECTION_UP if d == "UP" else pb.DIRECTION_DOWN)
             for i, (e, f, d) in enumerate(evs)]
-        return [pb.RecordOutcomeBatch(outcomes=rows[i:i + BULK_ROWS_PER_MESSAGE])
-                for i in range(0, len(rows), BULK_ROWS_PER_MESSAGE)]
-    reqs = requests(events, "bulk")
+
+    def batches(rs):
+        return [pb.RecordOutcomeBatch(outcomes=rs[i:i + BULK_ROWS_PER_MESSAGE])
+                for i in range(0, len(rs), BULK_ROWS_PER_MESSAGE)]
+    reqs = batches(rows(events, "bulk"))
 
     def in_process() -> tuple[float, int]:
         """Seconds for the in-process class to learn the events after the same history; steps."""
@@ -349,22 +357,18 @@ def bench_bulk(tmp: Path, quick: bool) -> dict:
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=list(CHANNEL_OPTIONS))
         stub = pb_grpc.FusionServiceStub(channel)
-        warm_ack = stub.RecordOutcomeBatches(iter(requests(warm, "warm")), timeout=600)
+        warm_ack = stub.RecordOutcomeBatches(iter(batches(rows(warm, "warm"))), timeout=600)
         while stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence < warm_ack.journal_sequence:
             time.sleep(0.05)
         res = _bulk_stream(stub, reqs, n)
         # the same rows once more (new event_ids), one per message: what batching saves
-        rows = [r for b in requests(events, "rows") for r in b.outcomes]
+        singles = rows(events, "rows")
         t0 = time.perf_counter()
-        single = stub.RecordOutcomes(iter(rows), timeout=600)
+        single = stub.RecordOutcomes(iter(singles), timeout=600)
         res["one_row_per_message_acked_per_s"] = single.accepted / (time.perf_counter() - t0)
         channel.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
     after, steps = in_process()
     # both baselines' mean: this VM's speed drifts by tens of percent within minutes
     mean = (before + after) / 2
