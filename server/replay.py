@@ -80,13 +80,15 @@ def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None
     from tqdm import tqdm
 
     from titan_fusion.client import FusionClient, FusionClientError
+    from titan_fusion.client.client import BULK_MESSAGE_BYTES
+    if max_message_bytes is None:  # the client's own default
+        max_message_bytes = BULK_MESSAGE_BYTES
     rows, total = read_file(Path(path))
     started = time.monotonic()
     with FusionClient(target, timeout=timeout, credentials=credentials, token=token) as client:
         bar = tqdm(parse_rows(rows), total=total, unit="outcome", mininterval=0.5)
         try:
-            sizes = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
-            result = client.record_outcomes(bar, timeout=timeout, **sizes)
+            result = client.record_outcomes(bar, timeout=timeout, max_message_bytes=max_message_bytes)
         except FusionClientError as e:
             print(f"\n{target}: {e}", file=sys.stderr)
             return 1
