@@ -175,7 +175,7 @@ def event_from_proto(experts: Any, features: Any) -> Event:
                 out.append(Expert(up, confidence, None))
         else:
             if len(names) == named:  # no duplicate names
-                feats = dict(features)
+                feats = {k: features[k] for k in features}  # dict(map): keys() walks in Python
                 if len(feats) <= MAX_FEATURES and "" not in feats:
                     total = sum(feats.values())  # NaN or an infinity makes it non-finite
                     if total - total == 0.0 and (not feats or max(map(len, feats)) <= MAX_NAME_LENGTH):

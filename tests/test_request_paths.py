@@ -240,16 +240,20 @@ def test_journal_batches_match_row_by_row_inserts(tmp_path):
     j.close()
 
 
-def test_journal_encoding_is_json_dumps():
-    import json
-
+def test_journal_payload_is_the_json_value_json_dumps_wrote():
+    """The journal's payload (orjson) is the same JSON value as json.dumps's, which journals
+    written before wrote: each decodes to the same event, exactly."""
     from titan_fusion.server.events import Expert
     from titan_fusion.server.journal import decode_event, encode_event
-    ev = Event((Expert(0.25, None, "a\"b\\c\n"), Expert(1e-300, 0.5, "é☃"), Expert(0.5, 0.0, None)),
-               {"close": 50000.123456789, "ünïcode": -0.0, "x": 1e300})
-    want = json.dumps({"e": [[x.prob_up, x.confidence, x.name] for x in ev.experts], "f": dict(ev.features)},
-                      separators=(",", ":"))
-    assert encode_event(ev) == want and decode_event(want) == ev
+    ev = Event((Expert(0.25, None, "a\"b\\c\n"), Expert(1e-300, 0.5, "é☃"), Expert(0.5, 0.0, None),
+                Expert(1e-05, 5e-324, "tiny")),
+               {"close": 50000.123456789, "ünïcode": -0.0, "x": 1e300, "third": 1 / 3})
+    value = {"e": [[x.prob_up, x.confidence, x.name] for x in ev.experts], "f": dict(ev.features)}
+    old = json.dumps(value, separators=(",", ":"))  # what journals written before hold
+    new = encode_event(ev)
+    assert json.loads(new) == value
+    assert decode_event(new) == ev and decode_event(old) == ev
+    assert math.copysign(1.0, decode_event(new).features["ünïcode"]) == -1.0  # -0.0 kept
 
 
 def test_journal_falls_back_to_row_by_row(tmp_path, monkeypatch):
