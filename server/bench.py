@@ -4,8 +4,12 @@ Floors, measured in the same run and on the same stack:
 - in-process: the same TransformerFusion API serving the plain average (fusion.enabled = false),
   and update() before min_samples (validation and buffering, no training step);
 - over gRPC: a bare echo service (Python grpcio, bytes in, bytes out, no protobuf, no model) in its
-  own process, like the fusion service. Latency blocks of echo and Predict alternate, so that drift
-  of this noisy machine hits both alike.
+  own process, like the fusion service, and in the same server the service's Predict answered
+  without a model (the same protobuf messages, an answer built once): what protobuf and a servicer
+  cost before the service does anything. Latency blocks of the three alternate, so that drift of
+  this noisy machine hits them alike;
+- Predict p99 beside a plain CPU loop in another process (at the trainer's priority): what any busy
+  process does to Predict on this machine, next to what the service's own training does.
 
 Figures: in-process forward and training step; Predict p50/p99 one call at a time; Predict p99
 while another process records outcomes as fast as the service takes them (training at full rate);
@@ -34,18 +38,48 @@ from pathlib import Path
 ECHO_METHOD = "/titan.bench.Echo/Echo"
 
 
-# ---------------------------------------------------------------- the echo floor (own process)
+# ---------------------------------------------------------------- the floors (own process)
 def serve_echo(ready_file: str) -> None:
+    """Two floors in one grpcio server: the bare echo (bytes in, bytes out), and the service's
+    Predict answered without a model: the same protobuf messages, parsed and serialized, and an
+    answer built once (for the first request) and returned as it is. What the service adds to the
+    second is its own work; what the second adds to the echo is protobuf's and the servicer's."""
     import grpc
+
     from titan_fusion.client.client import SERVER_KEEPALIVE_OPTIONS
+    from titan_fusion.client.pb import fusion_pb2 as pb
+    from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+
+    class ConstantPredict(pb_grpc.FusionServiceServicer):
+        answer: pb.PredictResponse | None = None
+
+        def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+            if self.answer is None:  # what the service answers, in shape: an attention weight per expert
+                n = len(request.experts)
+                self.answer = pb.PredictResponse(
+                    prob_up=0.5, prob_down=0.5, source=pb.SOURCE_FUSION, model_version=1, event_id=request.event_id,
+                    attention=[pb.ExpertWeight(name=e.name, weight=1.0 / n) for e in request.experts])
+            return self.answer
+
     handler = grpc.method_handlers_generic_handler(
         "titan.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=list(SERVER_KEEPALIVE_OPTIONS))
     server.add_generic_rpc_handlers((handler,))
+    pb_grpc.add_FusionServiceServicer_to_server(ConstantPredict(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     Path(ready_file).write_text(json.dumps({"port": port, "pid": os.getpid()}))
     server.wait_for_termination()
+
+
+# ---------------------------------------------------------------- a plain CPU load (own process)
+def cpu_load(seconds: float) -> None:
+    """A pure-Python loop at the trainer process's priority (nice 10; server/trainer.py): what
+    any busy process does to Predict on this machine, without the service's training."""
+    os.nice(10)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sum(range(1000))
 
 
 # ---------------------------------------------------------------- outcome load (own process)
@@ -210,6 +244,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         echo_channel = grpc.insecure_channel(echo_target, options=list(CHANNEL_OPTIONS))
         stub = pb_grpc.FusionServiceStub(channel)
         echo_call = echo_channel.unary_unary(ECHO_METHOD)
+        const_stub = pb_grpc.FusionServiceStub(echo_channel)  # Predict without a model (serve_echo)
         events = list(informative_stream(3, 1500))
 
         def to_req(e, f):
@@ -221,17 +256,20 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         req = to_req(*events[500][:2])
         assert stub.Predict(req, timeout=5).source == pb.SOURCE_FUSION
         payload = req.SerializeToString()
-        for _ in range(300):  # warm both paths
+        for _ in range(300):  # warm every path
             echo_call(payload, timeout=5)
+            const_stub.Predict(req, timeout=5)
             stub.Predict(req, timeout=5)
-        rss_start = rss_mib(fus["pid"])
         blocks, per_block = (4, 500) if quick else (10, 1000)
         echo_lat: list[float] = []
+        const_lat: list[float] = []
         pred_lat: list[float] = []
         for _ in range(blocks):
             echo_lat += _sequential(lambda: echo_call(payload, timeout=5), per_block)
+            const_lat += _sequential(lambda: const_stub.Predict(req, timeout=5), per_block)
             pred_lat += _sequential(lambda: stub.Predict(req, timeout=5), per_block)
         res["echo_sequential"] = percentiles(echo_lat)
+        res["constant_predict_sequential"] = percentiles(const_lat)
         res["predict_sequential"] = percentiles(pred_lat)
 
         # Predict while another process records outcomes at full rate (training on every outcome)
@@ -250,6 +288,16 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         res["predict_while_training"] = percentiles(busy)
         res["predict_idle_after"] = percentiles(idle_again)
         res["record_outcome_sequential_per_s"] = load_stats["outcomes"] / load_stats["seconds"]
+        # the same while a plain CPU loop runs in another process instead (nice 10, like the
+        # trainer): what any busy process does to Predict p99 on this machine
+        burner = subprocess.Popen([py, "-m", "titan_fusion.server.bench", "--cpu-load", "--seconds", str(load_seconds)])
+        time.sleep(1.0)
+        beside_loop: list[float] = []
+        t_end = time.monotonic() + load_seconds - 2.0
+        while time.monotonic() < t_end:
+            beside_loop += _sequential(lambda: stub.Predict(req, timeout=5), 200)
+        burner.wait(timeout=60)
+        res["predict_beside_cpu_loop"] = percentiles(beside_loop)
 
         # throughput with calls in flight (grpc.aio), echo and Predict alternately
         seconds = 2.0 if quick else 4.0
@@ -260,8 +308,12 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
             ech = grpc.aio.insecure_channel(echo_target, options=list(CHANNEL_OPTIONS))
             astub = pb_grpc.FusionServiceStub(ach)
             aecho = ech.unary_unary(ECHO_METHOD)
+            aconst = pb_grpc.FusionServiceStub(ech)
             for c in (1, 8, 32):
                 out[f"echo_inflight_{c}"] = await _in_flight(lambda: aecho(payload, timeout=10), c, seconds)
+                if c == 32:
+                    out[f"constant_predict_inflight_{c}"] = await _in_flight(
+                        lambda: aconst.Predict(req, timeout=10), c, seconds)
                 out[f"predict_inflight_{c}"] = await _in_flight(lambda: astub.Predict(req, timeout=10), c, seconds)
             # RecordOutcome with 8 in flight: group commits
             counter = iter(range(10**9))
@@ -404,12 +456,22 @@ def table(r: dict) -> str:
          ip["update_no_training_floor"]["p50_us"], "update() without training", ""),
         ("Predict p50, one at a time", g["predict_sequential"]["p50_us"], g["echo_sequential"]["p50_us"], "echo p50", "<= 1.3x"),
         ("Predict p99, one at a time", g["predict_sequential"]["p99_us"], g["echo_sequential"]["p99_us"], "echo p99", "<= 1.5x"),
+        ("constant-answer Predict p50 (no model), one at a time", g["constant_predict_sequential"]["p50_us"],
+         g["echo_sequential"]["p50_us"], "echo p50", ""),
+        ("constant-answer Predict p99 (no model), one at a time", g["constant_predict_sequential"]["p99_us"],
+         g["echo_sequential"]["p99_us"], "echo p99", ""),
         ("Predict p99 while training at full rate", g["predict_while_training"]["p99_us"],
          g["predict_idle_after"]["p99_us"], "idle Predict p99 (same run)", "<= 1.5x"),
+        ("Predict p99 beside a plain CPU loop (another process, nice 10), no training",
+         g["predict_beside_cpu_loop"]["p99_us"], g["predict_idle_after"]["p99_us"], "idle Predict p99 (same run)", ""),
     ]
     for c in (1, 8, 32):
         rows.append((f"Predict throughput, {c} in flight (calls/s)", g[f"predict_inflight_{c}"]["calls_per_s"],
                      g[f"echo_inflight_{c}"]["calls_per_s"], "echo calls/s", ">= 0.8x at 32" if c == 32 else ""))
+        if c == 32:
+            rows.append(("constant-answer Predict throughput, 32 in flight (calls/s)",
+                         g["constant_predict_inflight_32"]["calls_per_s"], g["echo_inflight_32"]["calls_per_s"],
+                         "echo calls/s", ""))
         rows.append((f"Predict p99, {c} in flight", g[f"predict_inflight_{c}"]["p99_us"],
                      g[f"echo_inflight_{c}"]["p99_us"], "echo p99", ""))
     rows.append(("RecordOutcome, one at a time (outcomes/s)", g["record_outcome_sequential_per_s"], None, "", ""))
@@ -444,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-results/bench.json", help="JSON results file")
     ap.add_argument("--echo-server", metavar="READY_FILE", help=argparse.SUPPRESS)
     ap.add_argument("--outcome-load", metavar="TARGET", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-load", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.echo_server:
@@ -451,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.outcome_load:
         outcome_load(ns.outcome_load, ns.seconds, seed=11)
+        return 0
+    if ns.cpu_load:
+        cpu_load(ns.seconds)
         return 0
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="titan-bench-") as tmp:
