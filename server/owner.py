@@ -63,6 +63,10 @@ SNAPSHOT_EVERY_SECONDS = 0.1  # while catching up with no caller waiting, a fres
 CATCH_UP_CHUNK = 256  # outcomes handed to the trainer at once, at most
 MAX_RESTARTS_IN_A_ROW = 3  # trainer deaths at the same journal seq before the owner gives up
 BULK_QUIET_SECONDS = 0.05  # a bulk stream counts as arriving until this long after its last chunk
+# At shutdown, learning what is journaled and not learned yet takes at most this long: a live
+# service's last few outcomes, not a bulk replay's backlog (hours of training at worst), which stays
+# in the journal for the next start. With the 5 s grace and the checkpoint, a stop fits docker's 10 s.
+STOP_LEARN_SECONDS = 3.0
 Trainer = LocalTrainer | TrainerProcess
 
 
@@ -303,7 +307,8 @@ class ModelOwner:
             if stop is None and (self._waiters or not streaming):
                 self._learn_pending(LEARN_SLICE_SECONDS if streaming or not self._queue.empty()
                                     else CATCH_UP_SLICE_SECONDS)
-            if self._checkpoint_every and self._since_checkpoint >= self._checkpoint_every and not self._pending:
+            # also while catching up with a backlog: a crash then re-learns at most checkpoint_every
+            if self._checkpoint_every and self._since_checkpoint >= self._checkpoint_every:
                 self._auto_checkpoint()
             self._publish()
             self._answer()
@@ -337,7 +342,17 @@ class ModelOwner:
         return batch
 
     def _drain_after_stop(self) -> None:
-        self._learn_pending(None)
+        """Learn the journal's backlog for up to STOP_LEARN_SECONDS, then answer what is left: the
+        server has stopped, so no caller is waiting any more."""
+        self._learn_pending(STOP_LEARN_SECONDS)
+        if self._pending:
+            log.warning("stopping with %d journaled outcomes not learned yet; the next start learns them "
+                        "(from the journal) before it serves", len(self._pending))
+            for p in self._pending:
+                self._reply(p.future, error=ShuttingDownError(
+                    "the service is shutting down; the outcome is journaled and the next start learns it"))
+            self._pending.clear()
+            self._waiters = 0
         while True:
             try:
                 w = self._queue.get_nowait()

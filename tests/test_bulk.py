@@ -85,6 +85,62 @@ def test_single_outcomes_wait_for_a_lagging_bulk_replay_and_see_it(service, stre
     assert client.predict(e, f).model_version == ack.model_version
 
 
+def test_a_stop_leaves_a_bulk_backlog_to_the_journal_and_the_next_start_learns_it(tmp_path, stream, monkeypatch):
+    """A stop while training trails a bulk replay does not learn the whole backlog first (hours,
+    for a long history: the stop would be killed): it learns for STOP_LEARN_SECONDS, checkpoints
+    what it learned, and the next start learns the rest from the journal, to the very model of a
+    service that was never stopped."""
+    from titan_fusion.server import owner
+    from titan_fusion.server.store import CheckpointStore
+
+    monkeypatch.setattr(owner, "STOP_LEARN_SECONDS", 0.0)  # what a backlog longer than it looks like
+    events = list(stream(65, 1200))
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"s{i}"} for i, (e, f, d) in enumerate(events)]
+    config = ServiceConfig(port=0, metrics_port=-1, data_dir=str(tmp_path / "data"), fusion=FAST, checkpoint_every=0)
+    svc, port = create_server(config, registry=CollectorRegistry())
+    assert svc.wait_ready(30)
+    with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
+        assert client.record_outcomes(rows).accepted == 1200
+    svc.stop(grace=1)
+    [info] = CheckpointStore(tmp_path / "data" / "checkpoints").list()
+    assert 0 < info.applied_seq < 1200  # what it had learned; the rest is in the journal
+
+    svc, port = create_server(config, registry=CollectorRegistry())
+    try:
+        assert svc.wait_ready(60)
+        with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
+            stats = client.stats()
+            assert stats["samples_trained"] == 1200 and stats["service"]["training_lag"] == 0
+            ref = TransformerFusion(FAST, n_models=4)
+            for e, f, d in events:
+                ref.update(e, f, d)
+            assert stats["train_steps"] == ref.version
+            probe = next(stream(66, 1))
+            assert client.predict(probe[0], probe[1]).prob_up == ref.forward(probe[0], probe[1])[0]
+    finally:
+        svc.stop(grace=1)
+
+
+def test_automatic_checkpoints_go_on_while_training_catches_up(tmp_path, stream):
+    """Catching up with a bulk replay's backlog takes automatic checkpoints every checkpoint_every
+    outcomes learned, not only once caught up: a crash meanwhile re-learns at most that many."""
+    from titan_fusion.server.store import CheckpointStore
+
+    config = ServiceConfig(port=0, metrics_port=-1, data_dir=str(tmp_path / "data"), fusion=FAST, checkpoint_every=100)
+    svc, port = create_server(config, registry=CollectorRegistry())
+    try:
+        assert svc.wait_ready(30)
+        with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
+            client.record_outcomes([{"experts": e, "features": f, "actual_direction": d, "event_id": f"c{i}"}
+                                    for i, (e, f, d) in enumerate(stream(67, 1000))])
+            _wait_trained(client, 1000)
+    finally:
+        svc.stop(grace=1)
+    infos = CheckpointStore(tmp_path / "data" / "checkpoints").list()
+    assert infos[0].applied_seq == 1000
+    assert infos[0].generation >= 9  # about one per 100 outcomes learned (a slice may learn past 100)
+
+
 def test_replay_command_sends_a_csv_file(service, stream, tmp_path):
     svc, client, port = service
     path = tmp_path / "history.csv"
