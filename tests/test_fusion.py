@@ -290,6 +290,23 @@ def test_guard_early_stopping_fires_restores_best_pauses_and_resumes(stream):
     assert s["best_val_loss"] == pytest.approx(f._val_loss_now(), abs=1) and math.isfinite(s["best_val_loss"])
 
 
+@pytest.mark.parametrize("overrides", [{}, {"ema_decay": 0.0}, AS_SPECIFIED])
+def test_validation_loss_is_the_served_models_log_loss_on_the_validation_buffer(stream, overrides):
+    """_val_loss_now (torch, float32, the served weights: the moving average with ema_decay)
+    equals the log loss of the served snapshot's own forward (NumpyNet, float64) to 1e-6."""
+    f = make(**overrides)
+    checked = 0
+    for i, event in enumerate(stream(17, 700)):
+        f.update(*event)
+        if i % 100 == 99 and len(f._val):
+            b = f._val.gather()
+            p_up, _ = f.snapshot().net.forward(b["x"].double().numpy(), b["feats"].numpy(), b["skill"].double().numpy())
+            p_label = np.where(b["label"].numpy() == 0, p_up, 1.0 - p_up)  # label 0 = UP
+            assert f._val_loss_now() == pytest.approx(float(-np.mean(np.log(p_label))), abs=1e-6)
+            checked += 1
+    assert checked >= 5
+
+
 # ---------------------------------------------------------------- fallback
 def test_fallback_reasons(stream):
     experts = [{"prob_up": p} for p in (0.2, 0.4, 0.6, 0.9)]
