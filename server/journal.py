@@ -181,6 +181,17 @@ class Journal:
                 "SELECT seq, event_id, payload, label FROM outcomes WHERE seq > ? ORDER BY seq", (seq,)):
             yield JournaledOutcome(s, event_id, decode_event(payload), label)
 
+    def backlog_after(self, seq: int) -> Iterator[tuple[int, int, Predicted | None]]:
+        """(seq, label, what its Predict forecast) of the outcomes after `seq`, in order, without
+        their events (a replay's backlog may be millions of rows): one query."""
+        oldest = time.time() - self.horizon_seconds
+        for s, label, payload, at, served, fusion, average in self._db.execute(
+                "SELECT o.seq, o.label, p.payload, p.predicted_at, p.served, p.fusion, p.average "
+                "FROM outcomes o LEFT JOIN predictions p ON p.event_id = o.event_id "
+                "WHERE o.seq > ? ORDER BY o.seq", (seq,)):
+            yield s, label, (None if payload is None or at < oldest else
+                             Predicted(decode_event(payload), served, fusion, average))
+
     def events_between(self, first: int, last: int) -> dict[int, Event]:
         """seq -> event of the outcomes with first <= seq <= last (the owner's bulk backlog)."""
         return {s: decode_event(payload) for s, payload in self._db.execute(

@@ -31,7 +31,9 @@ handler thread, with no hand-off; concurrent ones share a forward. Training neve
 
 On start, the owner loads the newest valid checkpoint, replays the journal's outcomes after it
 through the same learn() as live outcomes (training is event-driven and deterministic, so the model
-is the one an uninterrupted service would have), and only then reports ready.
+is the one an uninterrupted service would have), and only then reports ready; after
+STARTUP_LEARN_SECONDS, what is left (a bulk replay's backlog) is learned while serving, as it would
+have been without the restart.
 """
 from __future__ import annotations
 
@@ -67,6 +69,10 @@ BULK_QUIET_SECONDS = 0.05  # a bulk stream counts as arriving until this long af
 # service's last few outcomes, not a bulk replay's backlog (hours of training at worst), which stays
 # in the journal for the next start. With the 5 s grace and the checkpoint, a stop fits docker's 10 s.
 STOP_LEARN_SECONDS = 3.0
+# At start, the journal after the newest checkpoint is learned before the service reports ready for
+# this long at most (a restart's few outcomes: served as they were before it). A longer backlog, a
+# bulk replay's, is learned while serving, as it would have been without the restart.
+STARTUP_LEARN_SECONDS = 10.0
 Trainer = LocalTrainer | TrainerProcess
 
 
@@ -365,20 +371,32 @@ class ModelOwner:
     def _recover(self) -> None:
         self._trainer = self._new_trainer()
         self._trainer.warm_up()
-        info, replayed = self._rebuild(None, score=True)
+        info, replayed = self._rebuild(None, score=True, seconds=STARTUP_LEARN_SECONDS)
         self._since_checkpoint += replayed
         self._journal_seq = max(self._applied_seq, self._journal.last_seq())
-        self._applied_seq = self._journal_seq
+        # What the time did not allow is learned while serving: queued like a bulk replay's rows
+        # (the journal has their events), with what their Predicts forecast, for live scoring.
+        for seq, label, predicted in self._journal.backlog_after(self._applied_seq):
+            self._pending.append(_Pending(seq, None, label, None, False, predicted))
+        if not self._pending:
+            self._applied_seq = self._journal_seq
         self._last_outcome_time = self._journal.last_recorded_at()  # so "no outcomes for N hours" survives restarts
-        self._schema_ahead = self._trainer.schema
+        self._schema_ahead = self._trainer.schema  # fixed by the first outcome learned, which is learned by now
         log.info("recovered: checkpoint %s (journal seq %d), replayed %d outcomes, now at seq %d",
                  info.name if info else "none", info.applied_seq if info else 0, replayed, self._applied_seq)
+        if self._pending:
+            log.warning("%d journaled outcomes (seq %d to %d) are left to learn after %.0f s of recovery: the "
+                        "service serves meanwhile and learns them as it would a bulk replay (Stats: training_lag)",
+                        len(self._pending), self._pending[0].seq, self._pending[-1].seq, STARTUP_LEARN_SECONDS)
         self._publish()
 
-    def _rebuild(self, upto: int | None, *, score: bool) -> tuple[CheckpointInfo | None, int]:
+    def _rebuild(self, upto: int | None, *, score: bool,
+                 seconds: float | None = None) -> tuple[CheckpointInfo | None, int]:
         """Load the newest valid checkpoint into the trainer and learn the journal's outcomes after
-        it, up to seq `upto` (None: all); with `score`, the live scorer starts from the checkpoint's
-        state and scores them too. Sets applied_seq; returns (checkpoint, outcomes replayed)."""
+        it, up to seq `upto` (None: all), or for about `seconds` (at least one chunk); with `score`,
+        the live scorer starts from the checkpoint's state and scores them too. Sets applied_seq;
+        returns (checkpoint, outcomes replayed)."""
+        started = time.monotonic()
         info = self._store.load_newest_valid(self._trainer)
         self._applied_seq = info.applied_seq if info else 0
         self._last_checkpoint = info.name if info else ""
@@ -393,6 +411,8 @@ class ModelOwner:
             if len(chunk) >= CATCH_UP_CHUNK:
                 replayed += self._replay(chunk, score)
                 chunk = []
+                if seconds is not None and time.monotonic() - started > seconds:
+                    return info, replayed
         replayed += self._replay(chunk, score)
         return info, replayed
 

@@ -85,11 +85,14 @@ def test_single_outcomes_wait_for_a_lagging_bulk_replay_and_see_it(service, stre
     assert client.predict(e, f).model_version == ack.model_version
 
 
-def test_a_stop_leaves_a_bulk_backlog_to_the_journal_and_the_next_start_learns_it(tmp_path, stream, monkeypatch):
+@pytest.mark.parametrize("startup_seconds", [10.0, 0.0])
+def test_a_stop_leaves_a_bulk_backlog_to_the_journal_and_the_next_start_learns_it(
+        tmp_path, stream, monkeypatch, caplog, startup_seconds):
     """A stop while training trails a bulk replay does not learn the whole backlog first (hours,
     for a long history: the stop would be killed): it learns for STOP_LEARN_SECONDS, checkpoints
     what it learned, and the next start learns the rest from the journal, to the very model of a
-    service that was never stopped."""
+    service that was never stopped. The next start learns for STARTUP_LEARN_SECONDS before it
+    serves (at least a chunk), and the rest while serving."""
     from titan_fusion.server import owner
     from titan_fusion.server.store import CheckpointStore
 
@@ -103,14 +106,21 @@ def test_a_stop_leaves_a_bulk_backlog_to_the_journal_and_the_next_start_learns_i
         assert client.record_outcomes(rows).accepted == 1200
     svc.stop(grace=1)
     [info] = CheckpointStore(tmp_path / "data" / "checkpoints").list()
-    assert 0 < info.applied_seq < 1200  # what it had learned; the rest is in the journal
+    assert 0 < info.applied_seq < 1200 - owner.CATCH_UP_CHUNK  # what it had learned; the rest is in the journal
 
+    monkeypatch.setattr(owner, "STARTUP_LEARN_SECONDS", startup_seconds)
+    caplog.set_level("INFO", logger=owner.log.name)
     svc, port = create_server(config, registry=CollectorRegistry())
     try:
         assert svc.wait_ready(60)
+        left = [r.getMessage() for r in caplog.records if "left to learn" in r.getMessage()]
+        if startup_seconds:
+            assert not left  # a restart's backlog: learned before serving, as before
+        else:  # one chunk learned before serving, the rest while serving
+            assert len(left) == 1 and left[0].startswith(f"{1200 - info.applied_seq - owner.CATCH_UP_CHUNK} journaled")
         with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
-            stats = client.stats()
-            assert stats["samples_trained"] == 1200 and stats["service"]["training_lag"] == 0
+            stats = _wait_trained(client, 1200)
+            assert stats["samples_trained"] == 1200 and stats["service"]["applied_sequence"] == 1200
             ref = TransformerFusion(FAST, n_models=4)
             for e, f, d in events:
                 ref.update(e, f, d)

@@ -119,6 +119,23 @@ def test_the_journal_survives_reopening_and_keeps_its_sequence(tmp_path, stream)
     j.close()
 
 
+def test_the_backlog_after_a_seq_comes_with_what_its_predicts_forecast(tmp_path, stream):
+    """backlog_after: (seq, label, Predicted or None) in seq order, one query; a prediction past the
+    horizon is None, as predicted() says."""
+    from titan_fusion.server.journal import Predicted
+
+    j = Journal(tmp_path / "j.sqlite3", horizon_seconds=0.5)
+    a, b = (Event.parse(*x[:2]) for x in stream(48, 2))
+    j.remember_predictions([("old", a, 0.6, 0.7, 0.5)])
+    time.sleep(0.6)
+    j.remember_predictions([("p", b, 0.4, None, 0.45)])
+    assert j.append_outcomes([("x", a, 1), ("p", b, 0), (None, a, 1), ("old", a, 0)]) == [1, 2, 3, 4]
+    assert list(j.backlog_after(1)) == [(2, 0, Predicted(b, 0.4, None, 0.45)), (3, 1, None), (4, 0, None)]
+    assert [(s, label, j.predicted(eid) if eid else None) for s, eid, _, label in
+            ((o.seq, o.event_id, o.event, o.label) for o in j.outcomes_after(1))] == list(j.backlog_after(1))
+    j.close()
+
+
 def test_an_interrupted_checkpoint_write_is_cleaned_up_or_rolled_back(tmp_path, stream):
     root = tmp_path / "checkpoints"
     f = TransformerFusion(FAST, n_models=4)
