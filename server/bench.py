@@ -296,7 +296,8 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         t_end = time.monotonic() + load_seconds - 2.0
         while time.monotonic() < t_end:
             beside_loop += _sequential(lambda: stub.Predict(req, timeout=5), 200)
-        burner.wait(timeout=60)
+        if burner.wait(timeout=60) != 0:
+            raise RuntimeError("the CPU loop's process failed: Predict p99 beside it would be an idle figure")
         res["predict_beside_cpu_loop"] = percentiles(beside_loop)
 
         # throughput with calls in flight (grpc.aio), echo and Predict alternately

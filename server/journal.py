@@ -19,6 +19,7 @@ and is never pruned. One connection, used by the model-owner thread only.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -67,7 +68,10 @@ def encode_event(ev: Event) -> str:
 
 
 def decode_event(payload: str | bytes) -> Event:
-    d = orjson.loads(payload)
+    try:
+        d = orjson.loads(payload)
+    except orjson.JSONDecodeError:  # NaN or Infinity, which json.dumps wrote and orjson does not read
+        d = json.loads(payload)
     return Event(tuple(Expert(prob_up=p, confidence=c, name=n) for p, c, n in d["e"]), d["f"])
 
 
@@ -174,6 +178,11 @@ class Journal:
 
     def has_outcome(self, event_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM outcomes WHERE event_id = ?", (event_id,)).fetchone() is not None
+
+    def seq_of(self, event_id: str) -> int | None:
+        """The seq of the outcome with this event_id, if journaled (and not pruned)."""
+        row = self._db.execute("SELECT seq FROM outcomes WHERE event_id = ?", (event_id,)).fetchone()
+        return None if row is None else int(row[0])
 
     def outcomes_after(self, seq: int) -> Iterator[JournaledOutcome]:
         """Outcomes with a sequence number above `seq`, in order: what a checkpoint has not seen."""

@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 from .errors import (DeadlineExpiredError, FusionInputError, NotReadyError, OverloadedError,
                      ShuttingDownError, UnknownEventError)
 from .events import plain_average
-from .inference import (REASON_UNDERPERFORMING, SOURCE_FUSION, Event, Prediction, ServingStats, Snapshot,
+from .inference import (REASON_UNDERPERFORMING, SOURCE_FUSION, Event, Prediction, Schema, ServingStats, Snapshot,
                         average_prediction)
 from .journal import Journal, Predicted
 from .live import LiveScorer
@@ -73,6 +73,10 @@ STOP_LEARN_SECONDS = 3.0
 # this long at most (a restart's few outcomes: served as they were before it). A longer backlog, a
 # bulk replay's, is learned while serving, as it would have been without the restart.
 STARTUP_LEARN_SECONDS = 10.0
+# A checkpoint save holds every outcome acknowledged before it, so it learns the backlog first:
+# within the caller's deadline, or this long without one; past that it is refused (UNAVAILABLE),
+# what was learned meanwhile staying learned, rather than holding the owner for a bulk replay's hours.
+CHECKPOINT_LEARN_SECONDS = 60.0
 Trainer = LocalTrainer | TrainerProcess
 
 
@@ -152,7 +156,10 @@ class ModelOwner:
         self.trainer_restarts = 0
         self._snapshot_at = 0.0  # time.monotonic() of the last snapshot asked of the trainer
         self._learn_seconds = 0.002  # moving average of the time to learn one outcome (sizes the chunks)
-        self._waiters = 0  # outcomes in _pending whose RecordOutcome caller waits for them
+        self._waiters = 0  # RecordOutcome callers waiting for an outcome in _pending to be learned
+        # Duplicates of outcomes still in _pending: (seq of the original, future, from_predict),
+        # answered once the original is learned (read-your-writes, as for the original).
+        self._dup_waits: list[tuple[int, Future, bool]] = []
         self._bulk_at = 0.0  # time.monotonic() of the last bulk chunk committed
         self._scorer = scorer or LiveScorer()
         self._last_outcome_time = 0.0
@@ -270,7 +277,11 @@ class ModelOwner:
         for p in self._pending:
             if p.future is not None and not p.future.done():
                 p.future.set_exception(e)
+        for _, fut, _ in self._dup_waits:
+            if not fut.done():
+                fut.set_exception(e)
         self._pending.clear()
+        self._dup_waits.clear()
         self._waiters = 0
         while True:
             try:
@@ -353,11 +364,14 @@ class ModelOwner:
         self._learn_pending(STOP_LEARN_SECONDS)
         if self._pending:
             log.warning("stopping with %d journaled outcomes not learned yet; the next start learns them "
-                        "(from the journal) before it serves", len(self._pending))
+                        "from the journal", len(self._pending))
+            left = ShuttingDownError("the service is shutting down; the outcome is journaled and the next start learns it")
             for p in self._pending:
-                self._reply(p.future, error=ShuttingDownError(
-                    "the service is shutting down; the outcome is journaled and the next start learns it"))
+                self._reply(p.future, error=left)
+            for _, fut, _ in self._dup_waits:
+                self._reply(fut, error=left)
             self._pending.clear()
+            self._dup_waits.clear()
             self._waiters = 0
         while True:
             try:
@@ -381,7 +395,7 @@ class ModelOwner:
         if not self._pending:
             self._applied_seq = self._journal_seq
         self._last_outcome_time = self._journal.last_recorded_at()  # so "no outcomes for N hours" survives restarts
-        self._schema_ahead = self._trainer.schema  # fixed by the first outcome learned, which is learned by now
+        self._schema_ahead = self._schema_after_backlog()
         log.info("recovered: checkpoint %s (journal seq %d), replayed %d outcomes, now at seq %d",
                  info.name if info else "none", info.applied_seq if info else 0, replayed, self._applied_seq)
         if self._pending:
@@ -389,6 +403,24 @@ class ModelOwner:
                         "service serves meanwhile and learns them as it would a bulk replay (Stats: training_lag)",
                         len(self._pending), self._pending[0].seq, self._pending[-1].seq, STARTUP_LEARN_SECONDS)
         self._publish()
+
+    def _schema_after_backlog(self) -> Schema:
+        """The schema as of the journal's head: the model's, and what the outcomes still to learn
+        fix (expert names are fixed by the first outcome whose experts are all named, which may be
+        in the backlog). New outcomes are validated against it."""
+        schema = self._trainer.schema
+        if self._pending and (schema.expert_names is None or schema.feature_names is None):
+            for jo in self._journal.outcomes_after(self._applied_seq):
+                try:
+                    _, _, names, features = schema.check(jo.event, "experts")
+                except FusionInputError:  # learning will say so (the configuration changed under the journal)
+                    continue
+                if names is not None or features is not None:
+                    schema = replace(schema, expert_names=schema.expert_names or names,
+                                     feature_names=schema.feature_names if schema.feature_names is not None else features)
+                    if schema.expert_names is not None and schema.feature_names is not None:
+                        break
+        return schema
 
     def _rebuild(self, upto: int | None, *, score: bool,
                  seconds: float | None = None) -> tuple[CheckpointInfo | None, int]:
@@ -547,7 +579,12 @@ class ModelOwner:
         for (w, event, event_id, label, from_predict, predicted), seq in zip(live, seqs):
             if seq is None:
                 self._on_outcome(True)
-                self._reply(w.future, _Duplicate(from_predict))
+                original = self._journal.seq_of(event_id) if self._pending and w.future is not None else None
+                if original is not None and original > self._applied_seq:  # not learned yet: wait for it
+                    self._dup_waits.append((original, w.future, from_predict))
+                    self._waiters += 1
+                else:
+                    self._reply(w.future, _Duplicate(from_predict))
             else:
                 self._pending.append(_Pending(seq, event, label, w.future, from_predict, predicted))
                 self._waiters += w.future is not None
@@ -610,7 +647,8 @@ class ModelOwner:
             batch = [self._pending[i] for i in range(min(chunk, len(self._pending)))]
             # A caller waiting for its outcome needs the snapshot that includes it (read-your-writes);
             # a bulk backlog only needs one now and then.
-            fresh = (any(p.future is not None for p in batch)
+            last = batch[-1].seq
+            fresh = (any(p.future is not None for p in batch) or any(seq <= last for seq, _, _ in self._dup_waits)
                      or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_SECONDS)
             try:
                 t0 = time.monotonic()
@@ -634,6 +672,8 @@ class ModelOwner:
                 self._applied_seq = p.seq
                 self._last_outcome_time = time.time()
                 self._since_checkpoint += 1
+            if self._dup_waits:
+                self._answer_duplicates()
             if slice_seconds is not None and time.monotonic() - started > slice_seconds:
                 break
         if not self._pending and self._trainer.stale:  # caught up: publish the model as it now stands
@@ -646,6 +686,17 @@ class ModelOwner:
         t = self._trainer
         self._replies = [(fut, OutcomeAck(True, t.samples_trained, t.version, r.from_predict, None)
                           if isinstance(r, _Duplicate) else r, err) for fut, r, err in self._replies]
+
+    def _answer_duplicates(self, everything: bool = False) -> None:
+        """Answer the duplicates whose original is learned now (or all of them), as duplicates."""
+        waiting = []
+        for seq, fut, from_predict in self._dup_waits:
+            if everything or seq <= self._applied_seq:
+                self._reply(fut, _Duplicate(from_predict))
+                self._waiters -= 1
+            else:
+                waiting.append((seq, fut, from_predict))
+        self._dup_waits = waiting
 
     def _learn_items(self, batch: list[_Pending]) -> list[tuple[Event, int]]:
         """(event, label) per pending outcome; a bulk row's event comes back from the journal (a
@@ -694,7 +745,15 @@ class ModelOwner:
             raise DeadlineExpiredError("the deadline passed while the request was queued")
         if w.kind == "save":
             name = check_name(w.payload, saving=True) if w.payload else None
-            self._learn_pending(None)  # a checkpoint holds every outcome acknowledged before it
+            # a checkpoint holds every outcome acknowledged before it: the backlog is learned first
+            # (4/5 of the time left: the refusal must reach the caller before its deadline does)
+            self._learn_pending(CHECKPOINT_LEARN_SECONDS if w.deadline is None
+                                else max(0.0, 0.8 * (w.deadline - time.monotonic())))
+            if self._pending:
+                raise NotReadyError(
+                    f"training is {len(self._pending)} outcomes behind the journal (a bulk replay being learned; "
+                    "Stats: service.training_lag), and a checkpoint holds every acknowledged outcome: save "
+                    "once the lag is 0 (what was learned meanwhile stays learned)")
             info = self._store.save(self._trainer, name or f"step-{self._trainer.version}", self._applied_seq,
                                     {"live": self._scorer.state()})
             self._last_checkpoint = info.name
@@ -708,6 +767,7 @@ class ModelOwner:
             # makes a later recovery agree.
             undone = list(self._pending)
             self._pending.clear()
+            self._answer_duplicates(everything=True)
             self._waiters = 0
             for p in undone:
                 self._reply(p.future, OutcomeAck(False, self._trainer.samples_trained, self._trainer.version,

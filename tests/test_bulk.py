@@ -131,6 +131,41 @@ def test_a_stop_leaves_a_bulk_backlog_to_the_journal_and_the_next_start_learns_i
         svc.stop(grace=1)
 
 
+def test_a_backlog_left_at_start_still_fixes_the_schema_that_new_outcomes_are_checked_against(
+        tmp_path, stream, monkeypatch):
+    """Expert names are fixed by the first outcome whose experts are all named. When that outcome is
+    in the backlog a start leaves to learn while serving, a new outcome with other names is refused
+    (and not journaled), as it would be with the backlog learned."""
+    from titan_fusion.client.errors import InvalidArgumentError
+    from titan_fusion.server import owner
+
+    monkeypatch.setattr(owner, "STOP_LEARN_SECONDS", 0.0)
+    monkeypatch.setattr(owner, "STARTUP_LEARN_SECONDS", 0.0)
+    events = list(stream(70, 800))
+    anonymous = [{"experts": [{"prob_up": x["prob_up"]} for x in e], "features": f, "actual_direction": d,
+                  "event_id": f"a{i}"} for i, (e, f, d) in enumerate(events[:300])]
+    named = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"n{i}"}
+             for i, (e, f, d) in enumerate(events[300:])]
+    config = ServiceConfig(port=0, metrics_port=-1, data_dir=str(tmp_path / "data"), fusion=FAST, checkpoint_every=0)
+    svc, port = create_server(config, registry=CollectorRegistry())
+    assert svc.wait_ready(30)
+    with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
+        assert client.record_outcomes(anonymous + named).accepted == 800
+    svc.stop(grace=1)
+    svc, port = create_server(config, registry=CollectorRegistry())
+    try:
+        assert svc.wait_ready(60)
+        with FusionClient(f"127.0.0.1:{port}", timeout=30, fallback=False) as client:
+            e, f, d = events[0]
+            other = [{"prob_up": x["prob_up"], "name": f"zz{k}"} for k, x in enumerate(e)]
+            with pytest.raises(InvalidArgumentError, match="unknown expert name"):
+                client.record_outcome(other, f, actual_direction=d, event_id="live-1")
+            ack = client.record_outcome(e, f, actual_direction=d, event_id="live-1")  # the same id, corrected
+            assert not ack.duplicate and ack.samples_trained == 801
+    finally:
+        svc.stop(grace=1)
+
+
 def test_automatic_checkpoints_go_on_while_training_catches_up(tmp_path, stream):
     """Catching up with a bulk replay's backlog takes automatic checkpoints every checkpoint_every
     outcomes learned, not only once caught up: a crash meanwhile re-learns at most that many."""
@@ -149,6 +184,34 @@ def test_automatic_checkpoints_go_on_while_training_catches_up(tmp_path, stream)
     infos = CheckpointStore(tmp_path / "data" / "checkpoints").list()
     assert infos[0].applied_seq == 1000
     assert infos[0].generation >= 9  # about one per 100 outcomes learned (a slice may learn past 100)
+
+
+def test_a_duplicate_of_an_outcome_not_learned_yet_is_answered_once_it_is(service, stream):
+    """A RecordOutcome whose event_id is a bulk row still in the backlog is a duplicate, answered
+    (like the original would be) only once that row is learned: a Predict after it sees the row."""
+    svc, client, _ = service
+    events = list(stream(68, 600))
+    client.record_outcomes([{"experts": e, "features": f, "actual_direction": d, "event_id": f"d{i}"}
+                            for i, (e, f, d) in enumerate(events)])
+    e, f, d = events[599]
+    ack = client.record_outcome(e, f, actual_direction=d, event_id="d599")
+    assert ack.duplicate and ack.samples_trained == 600
+    assert client.predict(e, f).model_version == ack.model_version
+    assert client.stats()["samples_trained"] == 600
+
+
+def test_a_checkpoint_save_behind_a_backlog_is_refused_past_its_deadline_then_saves(service, stream):
+    """Save learns the backlog first (a checkpoint holds every acknowledged outcome), within the
+    caller's deadline: past it, UNAVAILABLE naming the lag, what was learned staying learned."""
+    from titan_fusion.client.errors import UnavailableError
+
+    svc, client, _ = service
+    client.record_outcomes([{"experts": e, "features": f, "actual_direction": d, "event_id": f"k{i}"}
+                            for i, (e, f, d) in enumerate(stream(69, 1500))])
+    with pytest.raises(UnavailableError, match="outcomes behind the journal"):
+        client.checkpoint_save("behind", timeout=1.0)
+    _wait_trained(client, 1500)
+    assert client.checkpoint_save("caught-up").samples_trained == 1500
 
 
 def test_replay_command_sends_a_csv_file(service, stream, tmp_path):
