@@ -35,6 +35,7 @@ a series reads 0 rather than being absent before its first event.
 | `fusion_underperforming` | gauge | | 1 while the service serves the average because the fusion underperforms it, else 0 |
 | `fusion_underperforming_switches_total` | counter | | switches between the fusion and the average by live scoring |
 | `fusion_last_outcome_timestamp_seconds` | gauge | | unix time of the last outcome learned (0: none since start) |
+| `fusion_training_lag` | gauge | | outcomes journaled and not learned yet (a bulk replay's backlog while training catches up) |
 | `fusion_trainer_restarts_total` | counter | | trainer processes that died and were replaced (the model rebuilt from checkpoint and journal) |
 
 Usage: one `Metrics` per service; tests pass a fresh registry and read samples back:
@@ -166,6 +167,7 @@ class Metrics:
         self._switches_seen = 0
         self.last_outcome_timestamp = gauge("fusion_last_outcome_timestamp_seconds",
                                             "Unix time of the last outcome learned (0: none since start).")
+        self.training_lag = gauge("fusion_training_lag", "Outcomes journaled and not learned yet.")
         self.trainer_restarts = Counter("fusion_trainer_restarts_total",
                                         "Trainer processes that died and were replaced.", registry=r)
 

@@ -479,6 +479,7 @@ class FusionService:
         self.metrics.observe_training(pub.stats)
         self.metrics.observe_attention(pub.serving.weights(pub.snapshot.schema.names))
         self.metrics.observe_live(pub.live, pub.last_outcome_time)
+        self.metrics.training_lag.set(pub.training_lag)
         self.metrics.set_queue_depth("owner", self.owner.queue_depth)
 
     def _owner_failed(self, e: BaseException) -> None:

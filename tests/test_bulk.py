@@ -113,14 +113,17 @@ def test_a_stop_leaves_a_bulk_backlog_to_the_journal_and_the_next_start_learns_i
     svc, port = create_server(config, registry=CollectorRegistry())
     try:
         assert svc.wait_ready(60)
+        lag = svc.metrics.registry.get_sample_value("fusion_training_lag")
         left = [r.getMessage() for r in caplog.records if "left to learn" in r.getMessage()]
         if startup_seconds:
             assert not left  # a restart's backlog: learned before serving, as before
         else:  # one chunk learned before serving, the rest while serving
             assert len(left) == 1 and left[0].startswith(f"{1200 - info.applied_seq - owner.CATCH_UP_CHUNK} journaled")
+            assert lag > 0  # read at once: the catch-up takes seconds
         with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
             stats = _wait_trained(client, 1200)
             assert stats["samples_trained"] == 1200 and stats["service"]["applied_sequence"] == 1200
+            assert svc.metrics.registry.get_sample_value("fusion_training_lag") == 0
             ref = TransformerFusion(FAST, n_models=4)
             for e, f, d in events:
                 ref.update(e, f, d)
