@@ -13,8 +13,9 @@ Floors, measured in the same run and on the same stack:
 
 Figures: in-process forward and training step; Predict p50/p99 one call at a time; Predict p99
 while another process records outcomes as fast as the service takes them (training at full rate);
-throughput and p99 with 1, 8 and 32 calls in flight (grpc.aio); RecordOutcome throughput; the
-server's resident memory. Prints a table with ratios, writes JSON (bench-results/bench.json).
+throughput and p99 with 1, 8 and 32 calls in flight (grpc.aio); RecordOutcome throughput; bulk
+replay (acknowledged/s, and the service's learning against the in-process class, alternating in
+blocks); the server's resident memory. Prints a table with ratios, writes JSON (bench-results/bench.json).
 Timings are never asserted in tests; they are recorded in docs/PERFORMANCE.md.
 
     python -m titan_fusion.server.bench [--quick] [--out FILE]
