@@ -326,7 +326,8 @@ class ModelOwner:
             if stop is None and (self._waiters or not streaming):
                 self._learn_pending(LEARN_SLICE_SECONDS if streaming or not self._queue.empty()
                                     else CATCH_UP_SLICE_SECONDS)
-            # also while catching up with a backlog: a crash then re-learns at most checkpoint_every
+            # also while catching up with a backlog: a crash then re-learns about checkpoint_every
+            # outcomes (plus the last slice), not everything since the catch-up began
             if self._checkpoint_every and self._since_checkpoint >= self._checkpoint_every:
                 self._auto_checkpoint()
             self._publish()
@@ -748,9 +749,9 @@ class ModelOwner:
         if w.kind == "save":
             name = check_name(w.payload, saving=True) if w.payload else None
             # a checkpoint holds every outcome acknowledged before it: the backlog is learned first
-            # (4/5 of the time left: the refusal must reach the caller before its deadline does)
-            self._learn_pending(CHECKPOINT_LEARN_SECONDS if w.deadline is None
-                                else max(0.0, 0.8 * (w.deadline - time.monotonic())))
+            # (keeping a fifth of the time left, at least 0.25 s, for the refusal to reach the caller)
+            left = None if w.deadline is None else w.deadline - time.monotonic()
+            self._learn_pending(CHECKPOINT_LEARN_SECONDS if left is None else max(0.0, left - max(0.2 * left, 0.25)))
             if self._pending:
                 raise NotReadyError(
                     f"training is {len(self._pending)} outcomes behind the journal (a bulk replay being learned; "
