@@ -124,10 +124,10 @@ def test_the_backlog_after_a_seq_comes_with_what_its_predicts_forecast(tmp_path,
     horizon is None, as predicted() says."""
     from titan_fusion.server.journal import Predicted
 
-    j = Journal(tmp_path / "j.sqlite3", horizon_seconds=0.5)
+    j = Journal(tmp_path / "j.sqlite3", horizon_seconds=1.0)
     a, b = (Event.parse(*x[:2]) for x in stream(48, 2))
     j.remember_predictions([("old", a, 0.6, 0.7, 0.5)])
-    time.sleep(0.6)
+    time.sleep(1.1)
     j.remember_predictions([("p", b, 0.4, None, 0.45)])
     assert j.append_outcomes([("x", a, 1), ("p", b, 0), (None, a, 1), ("old", a, 0)]) == [1, 2, 3, 4]
     assert list(j.backlog_after(1)) == [(2, 0, Predicted(b, 0.4, None, 0.45)), (3, 1, None), (4, 0, None)]
