@@ -159,6 +159,7 @@ def test_the_alert_rules_cover_the_issue() -> None:
     assert "fusion_underperforming == 1" in rules["FusionUnderperforming"]["expr"]
     assert "fusion_last_outcome_timestamp_seconds" in rules["FusionNoOutcomes"]["expr"]
     assert "fusion_rpc_errors_total" in rules["FusionHighErrorRatio"]["expr"]
+    assert "fusion_training_lag" in rules["FusionTrainingNotCatchingUp"]["expr"]
     assert 'fusion_rpc_duration_seconds_bucket{method="Predict"}' in rules["FusionPredictLatencyHigh"]["expr"]
     for rule in rules.values():
         assert rule.get("for") and rule["labels"]["severity"] in ("warning", "critical")
