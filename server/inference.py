@@ -14,7 +14,7 @@ import functools
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -433,6 +433,15 @@ class Schema:
     expert_names: tuple[str, ...] | None
     feature_names: tuple[str, ...] | None  # None: not fixed yet
     missing_features: str = "reject"
+
+    def fixing(self, expert_names: tuple[str, ...] | None,
+               feature_names: tuple[str, ...] | None) -> "Schema":
+        """This schema with what a learned outcome fixes (check()'s names to fix; None: nothing):
+        names already fixed stay."""
+        if expert_names is None and feature_names is None:
+            return self
+        return replace(self, expert_names=self.expert_names or expert_names,
+                       feature_names=self.feature_names if self.feature_names is not None else feature_names)
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:

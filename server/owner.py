@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .errors import (DeadlineExpiredError, FusionInputError, NotReadyError, OverloadedError,
@@ -418,11 +418,9 @@ class ModelOwner:
                     _, _, names, features = schema.check(jo.event, "experts")
                 except FusionInputError:  # learning will say so (the configuration changed under the journal)
                     continue
-                if names is not None or features is not None:
-                    schema = replace(schema, expert_names=schema.expert_names or names,
-                                     feature_names=schema.feature_names if schema.feature_names is not None else features)
-                    if schema.expert_names is not None and schema.feature_names is not None:
-                        break
+                schema = schema.fixing(names, features)
+                if schema.expert_names is not None and schema.feature_names is not None:
+                    break
         return schema
 
     def _rebuild(self, upto: int | None, *, score: bool,
@@ -539,9 +537,7 @@ class ModelOwner:
                 return event, from_predict, predicted
         _, _, new_names, new_features = schema.check(event, "experts")
         if new_names is not None or new_features is not None:
-            self._schema_ahead = replace(
-                schema, expert_names=schema.expert_names or new_names,
-                feature_names=schema.feature_names if schema.feature_names is not None else new_features)
+            self._schema_ahead = schema.fixing(new_names, new_features)
         elif checked is not None:
             checked[key] = schema
         return event, from_predict, predicted
