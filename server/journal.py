@@ -85,6 +85,15 @@ class Predicted:
     average: float | None
 
 
+def _predicted(row: Sequence[Any], oldest: float) -> Predicted | None:
+    """A predictions row (payload, predicted_at, served, fusion, average; all None for no row) as
+    a Predicted, or None when there is none or it is older than `oldest` (past the horizon)."""
+    payload, predicted_at, served, fusion, average = row
+    if payload is None or predicted_at < oldest:
+        return None
+    return Predicted(decode_event(payload), served, fusion, average)
+
+
 @dataclass(frozen=True)
 class JournaledOutcome:
     seq: int
@@ -194,12 +203,11 @@ class Journal:
         """(seq, label, what its Predict forecast) of the outcomes after `seq`, in order, without
         their events (a replay's backlog may be millions of rows): one query."""
         oldest = time.time() - self.horizon_seconds
-        for s, label, payload, at, served, fusion, average in self._db.execute(
+        for s, label, *predicted in self._db.execute(
                 "SELECT o.seq, o.label, p.payload, p.predicted_at, p.served, p.fusion, p.average "
                 "FROM outcomes o LEFT JOIN predictions p ON p.event_id = o.event_id "
                 "WHERE o.seq > ? ORDER BY o.seq", (seq,)):
-            yield s, label, (None if payload is None or at < oldest else
-                             Predicted(decode_event(payload), served, fusion, average))
+            yield s, label, _predicted(predicted, oldest)
 
     def events_between(self, first: int, last: int) -> dict[int, Event]:
         """seq -> event of the outcomes with first <= seq <= last (the owner's bulk backlog)."""
@@ -241,9 +249,7 @@ class Journal:
         """The Predict that carried this event_id, if within the horizon."""
         row = self._db.execute("SELECT payload, predicted_at, served, fusion, average FROM predictions "
                                "WHERE event_id = ?", (event_id,)).fetchone()
-        if row is None or row[1] < time.time() - self.horizon_seconds:
-            return None
-        return Predicted(decode_event(row[0]), row[2], row[3], row[4])
+        return None if row is None else _predicted(row, time.time() - self.horizon_seconds)
 
     def predicted_event(self, event_id: str) -> Event | None:
         """The inputs of the Predict that carried this event_id, if within the horizon."""
