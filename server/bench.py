@@ -76,9 +76,10 @@ def serve_echo(ready_file: str) -> None:
 
 # ---------------------------------------------------------------- a plain CPU load (own process)
 def cpu_load(seconds: float) -> None:
-    """A pure-Python loop at the trainer process's priority (nice 10; server/trainer.py): what
-    any busy process does to Predict on this machine, without the service's training."""
-    os.nice(10)
+    """A pure-Python loop at the trainer process's priority (server/trainer.py NICE): what any
+    busy process does to Predict on this machine, without the service's training."""
+    from titan_fusion.server.trainer import NICE
+    os.nice(NICE)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         sum(range(1000))
@@ -208,6 +209,23 @@ def _sequential(call, n: int) -> list[float]:
     return out
 
 
+def _predicts_beside(call, bench_args: list[str], seconds: float) -> tuple[list[float], str]:
+    """Latencies of `call`, one at a time, while `python -m titan_fusion.server.bench *bench_args
+    --seconds S` runs in another process (from 1 s after its start to 1 s before its end); and
+    what that process printed. Raises if it failed: the figures would not be what they say."""
+    proc = subprocess.Popen([sys.executable, "-m", "titan_fusion.server.bench", *bench_args, "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    lat: list[float] = []
+    t_end = time.monotonic() + seconds - 2.0
+    while time.monotonic() < t_end:
+        lat += _sequential(call, 200)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench {' '.join(bench_args)} failed: {err[-2000:]}")
+    return lat, out
+
+
 async def _in_flight(make_call, concurrency: int, seconds: float) -> dict:
     lat: list[float] = []
     stop = time.perf_counter() + seconds
@@ -276,30 +294,16 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
 
         # Predict while another process records outcomes at full rate (training on every outcome)
         load_seconds = 6 if quick else 15
-        load = subprocess.Popen([py, "-m", "titan_fusion.server.bench", "--outcome-load", target,
-                                 "--seconds", str(load_seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(1.0)
-        busy: list[float] = []
-        idle_again: list[float] = []
-        t_end = time.monotonic() + load_seconds - 2.0
-        while time.monotonic() < t_end:
-            busy += _sequential(lambda: stub.Predict(req, timeout=5), 200)
-        out, err = load.communicate(timeout=60)
-        load_stats = json.loads(out.decode().strip().splitlines()[-1])
-        idle_again = _sequential(lambda: stub.Predict(req, timeout=5), len(busy))
+        predict = lambda: stub.Predict(req, timeout=5)  # noqa: E731
+        busy, out = _predicts_beside(predict, ["--outcome-load", target], load_seconds)
+        load_stats = json.loads(out.strip().splitlines()[-1])
+        idle_again = _sequential(predict, len(busy))
         res["predict_while_training"] = percentiles(busy)
         res["predict_idle_after"] = percentiles(idle_again)
         res["record_outcome_sequential_per_s"] = load_stats["outcomes"] / load_stats["seconds"]
-        # the same while a plain CPU loop runs in another process instead (nice 10, like the
-        # trainer): what any busy process does to Predict p99 on this machine
-        burner = subprocess.Popen([py, "-m", "titan_fusion.server.bench", "--cpu-load", "--seconds", str(load_seconds)])
-        time.sleep(1.0)
-        beside_loop: list[float] = []
-        t_end = time.monotonic() + load_seconds - 2.0
-        while time.monotonic() < t_end:
-            beside_loop += _sequential(lambda: stub.Predict(req, timeout=5), 200)
-        if burner.wait(timeout=60) != 0:
-            raise RuntimeError("the CPU loop's process failed: Predict p99 beside it would be an idle figure")
+        # the same while a plain CPU loop runs in another process instead (at the trainer's
+        # priority): what any busy process does to Predict p99 on this machine
+        beside_loop, _ = _predicts_beside(predict, ["--cpu-load"], load_seconds)
         res["predict_beside_cpu_loop"] = percentiles(beside_loop)
 
         # throughput with calls in flight (grpc.aio), echo and Predict alternately
