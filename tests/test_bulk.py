@@ -41,6 +41,16 @@ def _wait_trained(client, n, timeout=60.0):
         time.sleep(0.05)
 
 
+def _assert_is_the_in_process_model(client, stats, events, probe) -> None:
+    """The service's model is the in-process class's after learning `events` in order: the same
+    training steps, and the same prob_up for `probe` (experts, features, _), bit for bit."""
+    ref = TransformerFusion(FAST, n_models=4)
+    for e, f, d in events:
+        ref.update(e, f, d)
+    assert stats["train_steps"] == ref.version
+    assert client.predict(probe[0], probe[1]).prob_up == ref.forward(probe[0], probe[1])[0]
+
+
 def test_a_stream_is_journaled_learned_in_order_and_bad_rows_are_reported(service, stream):
     svc, client, _ = service
     events = list(stream(61, 1300))  # more than two chunks of 512
@@ -59,12 +69,7 @@ def test_a_stream_is_journaled_learned_in_order_and_bad_rows_are_reported(servic
     stats = _wait_trained(client, 1300)
     assert stats["samples_trained"] == 1300 and stats["service"]["applied_sequence"] == result.journal_sequence
     # the model learned exactly the accepted rows, in stream order: as the in-process class would
-    ref = TransformerFusion(FAST, n_models=4)
-    for e, f, d in events:
-        ref.update(e, f, d)
-    assert stats["train_steps"] == ref.version
-    probe = next(stream(62, 1))
-    assert client.predict(probe[0], probe[1]).prob_up == ref.forward(probe[0], probe[1])[0]
+    _assert_is_the_in_process_model(client, stats, events, next(stream(62, 1)))
     # a re-run is idempotent: everything is a duplicate, nothing is learned twice
     again = client.record_outcomes([r for r in rows if r["event_id"].startswith("b")])
     assert (again.accepted, again.duplicates) == (0, 1301)
@@ -124,12 +129,7 @@ def test_a_stop_leaves_a_bulk_backlog_to_the_journal_and_the_next_start_learns_i
             stats = _wait_trained(client, 1200)
             assert stats["samples_trained"] == 1200 and stats["service"]["applied_sequence"] == 1200
             assert svc.metrics.registry.get_sample_value("fusion_training_lag") == 0
-            ref = TransformerFusion(FAST, n_models=4)
-            for e, f, d in events:
-                ref.update(e, f, d)
-            assert stats["train_steps"] == ref.version
-            probe = next(stream(66, 1))
-            assert client.predict(probe[0], probe[1]).prob_up == ref.forward(probe[0], probe[1])[0]
+            _assert_is_the_in_process_model(client, stats, events, next(stream(66, 1)))
     finally:
         svc.stop(grace=1)
 
