@@ -38,8 +38,8 @@ from titan_fusion.client.client import SERVER_KEEPALIVE_OPTIONS
 from titan_fusion.client.pb import fusion_pb2 as pb
 from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 
-from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, DeadlineExpiredError, FusionError,
-                     FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
+from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, ConfigError, DeadlineExpiredError,
+                     FusionError, FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
                      ShuttingDownError, TrainerDiedError, UnknownEventError)
 from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURES, MAX_NAME_LENGTH, PROB_SUM_TOLERANCE, Expert,
                      parse_event_id, parse_expert_fields, parse_features)
@@ -49,8 +49,8 @@ from .journal import Journal
 from .live import LiveScorer
 from .metrics import Metrics
 from .owner import BulkAck, ModelOwner, OutcomeAck, Predictor, Published
-from . import security
-from .settings import ServiceConfig
+from . import cpus, security
+from .settings import SERVICE_PREFIX, ServiceConfig
 from .store import CheckpointInfo, CheckpointStore, check_name
 from .trainer import LocalTrainer, TrainerProcess
 
@@ -439,7 +439,9 @@ class FusionService:
                                keep_outcomes=config.journal_keep_outcomes,
                                keep_predictions=config.journal_keep_predictions)
         self.store = CheckpointStore(data / "checkpoints", keep=config.checkpoints_keep)
-        self.owner = ModelOwner(lambda: new_trainer(config), self.journal, self.store, queue_size=config.queue_size,
+        self.cpu_split = cpu_split(config)
+        self._affinity_before: dict[int, frozenset[int]] | None = None
+        self.owner = ModelOwner(lambda: new_trainer(config, self.cpu_split), self.journal, self.store, queue_size=config.queue_size,
                                 checkpoint_every=config.checkpoint_every, on_publish=self._published,
                                 on_outcome=lambda dup: self.metrics.count_outcome(dup),
                                 on_checkpoint=self.metrics.count_checkpoint,
@@ -506,6 +508,10 @@ class FusionService:
                 self._release()
                 raise FusionError(f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
                                   f"{e.strerror or e}") from None
+        if self.cpu_split is not None:  # before the owner starts the trainer (and its fork server)
+            self._affinity_before = cpus.pin_process(self.cpu_split.service)
+            log.info("the trainer runs on CPUs %s; the service keeps to CPUs %s (trainer_cpus = %r)",
+                     cpus.fmt(self.cpu_split.trainer), cpus.fmt(self.cpu_split.service), self.config.trainer_cpus)
         self.server.start()
         self.owner.start()
         threading.Thread(target=self._announce_ready, name="ready-watch", daemon=True).start()
@@ -546,13 +552,26 @@ class FusionService:
         self.owner.stop(checkpoint=True)
         self.metrics.stop()
         self._release()
+        if self._affinity_before is not None:  # a library caller's process gets its CPUs back
+            cpus.restore(self._affinity_before, self.cpu_split.service | self.cpu_split.trainer)
         log.info("stopped")
 
 
-def new_trainer(config: ServiceConfig) -> LocalTrainer | TrainerProcess:
-    """The model, in a child process (trainer = "process") or in the owner's thread ("thread")."""
+def cpu_split(config: ServiceConfig) -> cpus.Split | None:
+    """Where the trainer process and the service run (trainer_cpus, server/cpus.py); None: unpinned."""
+    if config.trainer != "process":
+        return None
+    try:
+        return cpus.split(config.trainer_cpus, cpus.available())
+    except ValueError as e:
+        raise ConfigError(SERVICE_PREFIX + "trainer_cpus", str(e)) from None
+
+
+def new_trainer(config: ServiceConfig, split: cpus.Split | None = None) -> LocalTrainer | TrainerProcess:
+    """The model, in a child process (trainer = "process", on split.trainer's CPUs if given) or in
+    the owner's thread ("thread")."""
     if config.trainer == "process":
-        return TrainerProcess(config.fusion, config.n_models)
+        return TrainerProcess(config.fusion, config.n_models, cpus=None if split is None else split.trainer)
     return LocalTrainer(TransformerFusion(config.fusion, n_models=config.n_models))
 
 

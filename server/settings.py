@@ -45,6 +45,7 @@ from typing import Any, Mapping
 
 from .config import PREFIX as FUSION_PREFIX
 from .config import FusionConfig, _coerce
+from . import cpus
 from .errors import ConfigError
 
 try:  # stdlib from Python 3.11
@@ -85,6 +86,9 @@ class ServiceConfig:
     # Where the model trains: "process" (a child process: training never holds the service's
     # interpreter lock) or "thread" (the model owner's thread).
     trainer: str = "process"
+    # Which CPUs the trainer process runs on, the service process keeping off them (server/cpus.py):
+    # "auto" (the last CPU, with two or more), "off", or a CPU list such as "3" or "6-7".
+    trainer_cpus: str = "auto"
     checkpoint_every: int = 1000  # automatic checkpoint every N learned outcomes; 0 = off
     checkpoints_keep: int = 5  # automatic checkpoints kept in data_dir; older ones are deleted
     # Journal retention: outcomes already in a checkpoint beyond this many are pruned (their
@@ -160,6 +164,8 @@ SERVICE_HELP: dict[str, str] = {
     "n_models": "number of experts per event",
     "trainer": "where the model trains: \"process\" (a child process, so training never stalls Predicts) or "
                "\"thread\" (the model owner's thread)",
+    "trainer_cpus": "CPUs of the trainer process, which the service process keeps off: \"auto\" (the last CPU "
+                    "when there are two or more), \"off\", or a CPU list such as \"3\", \"6-7\" or \"2,5\"",
     "checkpoint_every": "automatic checkpoint every N learned outcomes; 0 turns it off",
     "checkpoints_keep": "automatic checkpoints kept in data_dir; older ones are deleted",
     "journal_keep_outcomes": "journaled outcomes kept once checkpointed (duplicate event_ids are recognised "
@@ -262,6 +268,10 @@ def _validate(c: ServiceConfig) -> None:
     need(c.event_horizon_seconds > 0.0, "event_horizon_seconds", f"must be > 0, got {c.event_horizon_seconds}")
     need(c.n_models >= 1, "n_models", f"must be >= 1, got {c.n_models}")
     need(c.trainer in TRAINERS, "trainer", f"must be one of {', '.join(TRAINERS)}, got {c.trainer!r}")
+    try:
+        cpus.check(c.trainer_cpus)
+    except ValueError as e:
+        need(False, "trainer_cpus", str(e))
     need(c.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 = off), got {c.checkpoint_every}")
     need(c.checkpoints_keep >= 1, "checkpoints_keep", f"must be >= 1, got {c.checkpoints_keep}")
     need(c.live_window >= 1, "live_window", f"must be >= 1, got {c.live_window}")

@@ -1,6 +1,6 @@
 """Where the model trains: in the owner's thread (LocalTrainer) or in a child process (TrainerProcess).
 
-    service process                                          trainer process (nice 10)
+    service process                                          trainer process (nice 10, own CPU)
     ModelOwner thread ──("learn", [(event, label)...])──▶    TransformerFusion.learn, one by one
                       ◀──(per outcome: error?, samples, version; Snapshot; stats)──┘
                       ──("save", path, extra) / ("load", path)──▶ TransformerFusion.save / load
@@ -9,8 +9,9 @@ The service's ModelOwner talks to one trainer through the small interface below 
 TransformerFusion itself. LocalTrainer keeps the model in the owner's thread (tests, notebooks, the
 `trainer = "thread"` setting). TrainerProcess, the service's default, keeps it in a child process:
 a training step then never holds the service's interpreter lock, so Predicts and journal commits
-run beside training instead of between its Python statements. The pipe carries requests one at a
-time, in order, so the child applies them in the order the owner sent them: the owner still
+run beside training instead of between its Python statements; with two or more CPUs it runs on
+its own CPU, which the service process keeps off (server/cpus.py). The pipe carries requests one
+at a time, in order, so the child applies them in the order the owner sent them: the owner still
 serializes every change of the model. After each request the child sends back the model's
 immutable inference Snapshot (when it changed) and its training statistics; predictions read that
 snapshot in the service process.
@@ -124,12 +125,12 @@ class TrainerProcess:
     model owner); the properties read what the child last reported."""
 
     def __init__(self, config: FusionConfig, n_models: int, *, nice: int = NICE,
-                 start_timeout: float = START_TIMEOUT_SECONDS):
+                 cpus: frozenset[int] | None = None, start_timeout: float = START_TIMEOUT_SECONDS):
         ctx = multiprocessing.get_context("forkserver")
         # The fork server imports torch and the model once; each trainer is a fork of it (fast).
         ctx.set_forkserver_preload([__name__, "titan_fusion.server._trainer_preload"])
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, nice),
+        self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, nice, cpus),
                                  name="titan-fusion-trainer", daemon=True)
         with _HIDE_MAIN:
             # multiprocessing re-imports the caller's __main__ in the fork server and the child
@@ -260,7 +261,7 @@ def _portable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _child_main(conn: Any, config: FusionConfig, n_models: int, nice: int) -> None:
+def _child_main(conn: Any, config: FusionConfig, n_models: int, nice: int, cpus: frozenset[int] | None) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the service stops us
     if nice:
@@ -268,6 +269,11 @@ def _child_main(conn: Any, config: FusionConfig, n_models: int, nice: int) -> No
             os.nice(nice)
         except OSError:
             pass
+    if cpus:  # server/cpus.py: the service keeps off these
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as e:
+            log.warning("the trainer cannot keep to CPUs %s: %s", sorted(cpus), e)
     import torch
 
     from .fusion import TransformerFusion, warm_up

@@ -194,7 +194,7 @@ def test_a_trainer_that_keeps_dying_stops_the_owner_loudly(tmp_path: Path, monke
     from titan_fusion.client.errors import UnavailableError
     from titan_fusion.server import service as service_module
     monkeypatch.setattr(service_module, "new_trainer",
-                        lambda config: _DiesAfter25(TransformerFusion(config.fusion, n_models=config.n_models)))
+                        lambda config, split=None: _DiesAfter25(TransformerFusion(config.fusion, n_models=config.n_models)))
     svc, port, registry = start(tmp_path / "data")
     running = Running(svc, port, registry, tmp_path / "data")
     try:

@@ -1,0 +1,111 @@
+"""Which CPUs the trainer process and the serving process run on (setting `trainer_cpus`).
+
+A trainer that learns at full rate keeps one core busy. When the kernel may run it on any core, a
+Predict's threads (gRPC's poller, a handler) keep landing on the core it holds and wait there for
+the scheduler: on the 2-vCPU machine of docs/PERFORMANCE.md, a busy process at the trainer's nice
+10 raised Predict p99 2.7-2.9x. With that process on its own core and the service kept off it,
+0.94-1.10x (`make bench`, "beside a plain CPU loop"; it also doubled Predicts/s with 8 and 32 in
+flight).
+
+    "auto"   with two or more CPUs available: the trainer gets the last one, the service the rest
+             (one CPU: nothing is pinned)
+    "off"    nothing is pinned
+    "3", "6-7", "2,5"   the trainer gets these CPUs (Linux cpulist syntax), the service the rest of
+             the CPUs it may use; they must be among those, and leave it at least one
+
+Only the trainer process (trainer = "process") is placed; with trainer = "thread" nothing is.
+Where the platform has no CPU affinity (macOS), nothing is pinned.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+AUTO, OFF = "auto", "off"
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """'0-2,5' -> {0, 1, 2, 5}; raises ValueError saying what is wrong."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"expected \"auto\", \"off\" or a CPU list such as \"3\", \"6-7\" or \"2,5\"; "
+                             f"{part!r} is not a CPU number or range")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"the range {part!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def check(setting: str) -> None:
+    """Raises ValueError unless `setting` is "auto", "off" or a CPU list (the settings' validation)."""
+    if setting not in (AUTO, OFF):
+        parse_cpu_list(setting)
+
+
+@dataclass(frozen=True)
+class Split:
+    service: frozenset[int]
+    trainer: frozenset[int]
+
+
+def available() -> frozenset[int] | None:
+    """The CPUs this process may run on, or None where the platform cannot pin."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return frozenset(os.sched_getaffinity(0))
+
+
+def split(setting: str, cpus: frozenset[int] | None) -> Split | None:
+    """Where the trainer and the service run, given the setting and the CPUs available (`cpus`);
+    None: leave both where they are. Raises ValueError when an explicit list cannot be honoured."""
+    if setting == OFF or cpus is None:
+        return None
+    if setting == AUTO:
+        if len(cpus) < 2:
+            return None
+        trainer = frozenset({max(cpus)})
+    else:
+        trainer = parse_cpu_list(setting)
+        if not trainer <= cpus:
+            raise ValueError(f"CPUs {fmt(trainer - cpus)} are not available to the service "
+                             f"(it may use {fmt(cpus)})")
+        if not cpus - trainer:
+            raise ValueError(f"it would leave the service no CPU (it may use {fmt(cpus)})")
+    return Split(service=cpus - trainer, trainer=trainer)
+
+
+def pin_process(cpus: frozenset[int]) -> dict[int, frozenset[int]]:
+    """Every thread of this process onto `cpus` (threads started later inherit it from the thread
+    that starts them); returns each thread's previous CPUs, for restore()."""
+    before: dict[int, frozenset[int]] = {}
+    for tid in _threads():
+        try:
+            before[tid] = frozenset(os.sched_getaffinity(tid))
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread has ended meanwhile
+            pass
+    return before
+
+
+def restore(before: dict[int, frozenset[int]], default: frozenset[int]) -> None:
+    """Undo pin_process: each thread back to what it had; threads started since to `default`."""
+    for tid in _threads():
+        try:
+            os.sched_setaffinity(tid, before.get(tid, default))
+        except OSError:
+            pass
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: this thread only
+        return [0]
+
+
+def fmt(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
