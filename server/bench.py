@@ -78,10 +78,13 @@ def serve_echo(ready_file: str) -> None:
 
 # ---------------------------------------------------------------- a plain CPU load (own process)
 def cpu_load(seconds: float) -> None:
-    """A pure-Python loop at the trainer process's priority (server/trainer.py NICE): what any
-    busy process does to Predict on this machine, without the service's training."""
-    from titan_fusion.server.trainer import NICE
-    os.nice(NICE)
+    """A pure-Python loop at the trainer process's priority (server/trainer.py lower_priority) and
+    on the trainer's CPU (trainer_cpus "auto": the last one): what the trainer's CPU use alone
+    does to Predict on this machine, without its training."""
+    from titan_fusion.server.trainer import lower_priority
+    lower_priority()
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         sum(range(1000))
@@ -511,7 +514,7 @@ def table(r: dict) -> str:
          g["bulk_replay"]["trained_per_s"], "the same service learning without Predicts", ""),
         ("Predict p99 while another process records outcomes one at a time", g["predict_while_training"]["p99_us"],
          g["predict_idle_after"]["p99_us"], "idle Predict p99 (same run)", ""),
-        ("Predict p99 beside a plain CPU loop (another process, nice 10), no training",
+        ("Predict p99 beside a plain CPU loop (another process, the trainer's priority), no training",
          g["predict_beside_cpu_loop"]["p99_us"], g["predict_idle_after"]["p99_us"], "idle Predict p99 (same run)", ""),
     ]
     for c in (1, 8, 32):

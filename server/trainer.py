@@ -1,6 +1,6 @@
 """Where the model trains: in the owner's thread (LocalTrainer) or in a child process (TrainerProcess).
 
-    service process                                          trainer process (nice 10, own CPU)
+    service process                                          trainer process (SCHED_IDLE, own CPU)
     ModelOwner thread ──("learn", [(event, label)...])──▶    TransformerFusion.learn, one by one
                       ◀──(per outcome: error?, samples, version; Snapshot; stats)──┘
                       ──("save", path, extra) / ("load", path)──▶ TransformerFusion.save / load
@@ -48,8 +48,24 @@ log = logging.getLogger("titan_fusion.server.trainer")
 # (error or None, samples_trained, version) for each outcome learned, in order
 Learned = tuple[BaseException | None, int, int]
 START_TIMEOUT_SECONDS = 120.0  # a child imports torch and warms it up before it answers
-NICE = 10  # the trainer yields the CPU to the service's gRPC threads when both want it
+NICE = 10  # the trainer's priority where the platform has no SCHED_IDLE (lower_priority)
 _HIDE_MAIN = threading.Lock()
+
+
+def lower_priority() -> str:
+    """Lower the calling thread (and the threads it starts) to the trainer's priority: SCHED_IDLE
+    where Linux has it, so that a service thread that wakes up on the trainer's CPU takes it at
+    once (nice 10 only lowers the trainer's share: under EEVDF a waking thread may still wait for
+    the trainer's slice to end); else nice 10. Returns which, for the log."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (AttributeError, OSError):
+        try:
+            os.nice(NICE)
+        except OSError:
+            return "normal priority"
+        return f"nice {NICE}"
 
 
 def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: float | None) -> list[Learned]:
@@ -124,13 +140,13 @@ class TrainerProcess:
     """The model in a child process, behind the LocalTrainer interface. Called by one thread (the
     model owner); the properties read what the child last reported."""
 
-    def __init__(self, config: FusionConfig, n_models: int, *, nice: int = NICE,
-                 cpus: frozenset[int] | None = None, start_timeout: float = START_TIMEOUT_SECONDS):
+    def __init__(self, config: FusionConfig, n_models: int, *, cpus: frozenset[int] | None = None,
+                 start_timeout: float = START_TIMEOUT_SECONDS):
         ctx = multiprocessing.get_context("forkserver")
         # The fork server imports torch and the model once; each trainer is a fork of it (fast).
         ctx.set_forkserver_preload([__name__, "titan_fusion.server._trainer_preload"])
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, nice, cpus),
+        self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, cpus),
                                  name="titan-fusion-trainer", daemon=True)
         with _HIDE_MAIN:
             # multiprocessing re-imports the caller's __main__ in the fork server and the child
@@ -261,14 +277,10 @@ def _portable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _child_main(conn: Any, config: FusionConfig, n_models: int, nice: int, cpus: frozenset[int] | None) -> None:
+def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[int] | None) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the service stops us
-    if nice:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
+    lower_priority()  # before torch starts any thread: they inherit it
     if cpus:  # server/cpus.py: the service keeps off these
         try:
             os.sched_setaffinity(0, cpus)

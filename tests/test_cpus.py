@@ -63,14 +63,17 @@ def _affinities() -> dict[int, frozenset[int]]:
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs CPU affinity and two CPUs")
-def test_the_service_keeps_off_the_trainers_cpu_and_gives_the_cpus_back(tmp_path: Path) -> None:
+def test_the_trainer_has_its_cpu_at_idle_priority_the_service_keeps_off_it_and_gives_cpus_back(
+        tmp_path: Path) -> None:
     mine = F(os.sched_getaffinity(0))
     before = _affinities()
     svc, port, _ = start(tmp_path, trainer_cpus="auto")
     try:
         assert svc.cpu_split == cpus.Split(service=mine - {max(mine)}, trainer=F({max(mine)}))
-        status = Path(f"/proc/{svc.owner.trainer.pid}/status").read_text()
+        pid = svc.owner.trainer.pid
+        status = Path(f"/proc/{pid}/status").read_text()
         assert status.split("Cpus_allowed_list:")[1].split()[0] == str(max(mine))
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # server/trainer.py lower_priority
         # every thread of the service's process, those started by the service included
         during = _affinities()
         assert set(during) - set(before), "the service started threads"
