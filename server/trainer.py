@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .config import FusionConfig
 from .errors import TrainerDiedError
@@ -68,9 +68,11 @@ def lower_priority() -> str:
         return f"nice {NICE}"
 
 
-def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: float | None) -> list[Learned]:
-    """Learn `items` in order; stop after the first item that ends past `slice_seconds` (None: all).
-    A failure is returned in its item's place (the journal validated it: it is a bug) and the rest go on."""
+def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: float | None,
+                interrupted: Callable[[], bool] = lambda: False) -> list[Learned]:
+    """Learn `items` in order; with `slice_seconds` (None: all of them), stop after the first item
+    that ends past it or after `interrupted()` turns true (the owner has work waiting). A failure
+    is returned in its item's place (the journal validated it: it is a bug) and the rest go on."""
     out: list[Learned] = []
     started = time.monotonic()
     for event, label in items:
@@ -80,7 +82,7 @@ def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: 
         except Exception as e:  # noqa: BLE001 - reported per outcome
             err = e
         out.append((err, fusion.samples_trained, fusion.version))
-        if slice_seconds is not None and time.monotonic() - started > slice_seconds:
+        if slice_seconds is not None and (time.monotonic() - started > slice_seconds or interrupted()):
             break
     return out
 
@@ -90,6 +92,7 @@ class LocalTrainer:
 
     def __init__(self, fusion: Any):
         self.fusion = fusion
+        self._interrupt = threading.Event()
 
     @property
     def serving_stats(self) -> ServingStats:
@@ -113,7 +116,19 @@ class LocalTrainer:
 
     def learn(self, items: Sequence[tuple[Event, int]], slice_seconds: float | None = None, *,
               snapshot: bool = True) -> list[Learned]:
-        return learn_items(self.fusion, items, slice_seconds)
+        return learn_items(self.fusion, items, slice_seconds, self._interrupt.is_set)
+
+    def interrupt(self) -> None:
+        """Sliced learn() calls end after their current outcome until clear_interrupt() (called by
+        other threads: the owner has work waiting)."""
+        self._interrupt.set()
+
+    def clear_interrupt(self) -> None:
+        self._interrupt.clear()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
 
     stale = False  # snapshot() is always current here
 
@@ -146,7 +161,8 @@ class TrainerProcess:
         # The fork server imports torch and the model once; each trainer is a fork of it (fast).
         ctx.set_forkserver_preload([__name__, "titan_fusion.server._trainer_preload"])
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, cpus),
+        self._interrupt = ctx.RawValue("b", 0)  # shared memory: set by interrupt(), read by the child
+        self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, cpus, self._interrupt),
                                  name="titan-fusion-trainer", daemon=True)
         with _HIDE_MAIN:
             # multiprocessing re-imports the caller's __main__ in the fork server and the child
@@ -201,6 +217,18 @@ class TrainerProcess:
         out = self._call("learn", list(items), slice_seconds, snapshot)
         self.stale = not snapshot
         return out
+
+    def interrupt(self) -> None:
+        """Sliced learn() calls end after their current outcome until clear_interrupt() (called by
+        other threads: the owner has work waiting)."""
+        self._interrupt.value = 1
+
+    def clear_interrupt(self) -> None:
+        self._interrupt.value = 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.value != 0
 
     def refresh(self) -> None:
         """Fetch the current snapshot after learn(..., snapshot=False)."""
@@ -277,7 +305,8 @@ def _portable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[int] | None) -> None:
+def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[int] | None,
+                interrupt: Any) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the service stops us
     lower_priority()  # before torch starts any thread: they inherit it
@@ -314,7 +343,8 @@ def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[
             if op == "learn":
                 items, slice_seconds, with_snapshot = args
                 result: Any = [(None if err is None else _portable(err), n, v)
-                               for err, n, v in learn_items(fusion, items, slice_seconds)]
+                               for err, n, v in learn_items(fusion, items, slice_seconds,
+                                                            lambda: interrupt.value != 0)]
             elif op == "refresh":
                 result = None
             elif op == "save":

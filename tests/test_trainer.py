@@ -215,3 +215,25 @@ def test_a_trainer_that_keeps_dying_stops_the_owner_loudly(tmp_path: Path, monke
         t0 = time.monotonic()
         running.close()
         assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_an_interrupt_ends_a_sliced_learn_after_its_current_outcome_until_cleared(kind: str) -> None:
+    """The owner's catch-up slices are long (0.5 s); work submitted meanwhile interrupts them."""
+    import threading
+    trainer = TrainerProcess(FAST, 4) if kind == "process" else LocalTrainer(TransformerFusion(FAST, n_models=4))
+    try:
+        items = _items(5, 3000)
+        threading.Timer(0.2, trainer.interrupt).start()
+        t0 = time.monotonic()
+        first = trainer.learn(items, slice_seconds=60.0)
+        assert 0 < len(first) < len(items) and time.monotonic() - t0 < 10
+        assert trainer.interrupted
+        assert len(trainer.learn(items[len(first):], slice_seconds=60.0)) == 1  # still interrupted: one outcome
+        assert len(trainer.learn(items[len(first) + 1:len(first) + 50], slice_seconds=None)) == 49  # unsliced: all
+        trainer.clear_interrupt()
+        assert not trainer.interrupted
+        assert len(trainer.learn(items[len(first) + 50:len(first) + 60], slice_seconds=60.0)) == 10
+        assert trainer.samples_trained == len(first) + 60
+    finally:
+        trainer.close()
