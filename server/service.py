@@ -441,7 +441,8 @@ class FusionService:
         self.store = CheckpointStore(data / "checkpoints", keep=config.checkpoints_keep)
         self.cpu_split = cpu_split(config)
         self._affinity_before: dict[int, frozenset[int]] | None = None
-        self.owner = ModelOwner(lambda: new_trainer(config, self.cpu_split), self.journal, self.store, queue_size=config.queue_size,
+        self.owner = ModelOwner(lambda: new_trainer(config, self.cpu_split), self.journal, self.store,
+                                queue_size=config.queue_size,
                                 checkpoint_every=config.checkpoint_every, on_publish=self._published,
                                 on_outcome=lambda dup: self.metrics.count_outcome(dup),
                                 on_checkpoint=self.metrics.count_checkpoint,

@@ -52,20 +52,18 @@ NICE = 10  # the trainer's priority where the platform has no SCHED_IDLE (lower_
 _HIDE_MAIN = threading.Lock()
 
 
-def lower_priority() -> str:
+def lower_priority() -> None:
     """Lower the calling thread (and the threads it starts) to the trainer's priority: SCHED_IDLE
     where Linux has it, so that a service thread that wakes up on the trainer's CPU takes it at
     once (nice 10 only lowers the trainer's share: under EEVDF a waking thread may still wait for
-    the trainer's slice to end); else nice 10. Returns which, for the log."""
+    the trainer's slice to end); else nice 10."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return "SCHED_IDLE"
     except (AttributeError, OSError):
         try:
             os.nice(NICE)
         except OSError:
-            return "normal priority"
-        return f"nice {NICE}"
+            pass
 
 
 def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: float | None,
