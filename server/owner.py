@@ -335,7 +335,7 @@ class ModelOwner:
             # training catches up after it.
             streaming = self._streaming()
             if stop is None and (self._waiters or not streaming):
-                # (answers ready, a save's refusal say, go out after the slice: a short one then)
+                # answers ready (a save's refusal, say) go out after the slice: a short one then
                 self._learn_pending(LEARN_SLICE_SECONDS if streaming or not self._queue.empty() or self._replies
                                     else CATCH_UP_SLICE_SECONDS, interruptible=True)
             # also while catching up with a backlog: a crash then re-learns about checkpoint_every
@@ -652,11 +652,10 @@ class ModelOwner:
 
     def _learn_pending(self, slice_seconds: float | None, *, interruptible: bool = False) -> None:
         """Learn journaled outcomes in seq order: all of them, or for about `slice_seconds`, or (if
-        `interruptible`) until work is submitted (Trainer.interrupt)."""
+        `interruptible`: a catch-up slice, not a save's, a stop's or a start's learning) until work
+        is submitted (Trainer.interrupt)."""
         started = time.monotonic()
         while self._pending:
-            if not interruptible:  # a save's, a stop's or a start's learning runs its whole slice
-                self._trainer.clear_interrupt()
             left = None if slice_seconds is None else max(0.0, slice_seconds - (time.monotonic() - started))
             # About as many outcomes as the slice has time for: the rest would cross the pipe for nothing.
             chunk = CATCH_UP_CHUNK if left is None else max(1, min(CATCH_UP_CHUNK, int(left / self._learn_seconds) + 1))
@@ -668,7 +667,8 @@ class ModelOwner:
                      or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_SECONDS)
             try:
                 t0 = time.monotonic()
-                results = self._trainer.learn(self._learn_items(batch), left, snapshot=fresh)
+                results = self._trainer.learn(self._learn_items(batch), left, snapshot=fresh,
+                                              interruptible=interruptible)
                 self._learn_seconds = 0.8 * self._learn_seconds + 0.2 * (time.monotonic() - t0) / max(1, len(results))
                 if fresh:
                     self._snapshot_at = time.monotonic()

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import FusionConfig
 from .errors import TrainerDiedError
@@ -67,10 +67,11 @@ def lower_priority() -> None:
 
 
 def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: float | None,
-                interrupted: Callable[[], bool] = lambda: False) -> list[Learned]:
+                interrupt: Any = None) -> list[Learned]:
     """Learn `items` in order; with `slice_seconds` (None: all of them), stop after the first item
-    that ends past it or after `interrupted()` turns true (the owner has work waiting). A failure
-    is returned in its item's place (the journal validated it: it is a bug) and the rest go on."""
+    that ends past it or while `interrupt.value` is set (a ctypes byte: the owner has work
+    waiting; None: never). A failure is returned in its item's place (the journal validated it: it
+    is a bug) and the rest go on."""
     out: list[Learned] = []
     started = time.monotonic()
     for event, label in items:
@@ -80,17 +81,36 @@ def learn_items(fusion: Any, items: Sequence[tuple[Event, int]], slice_seconds: 
         except Exception as e:  # noqa: BLE001 - reported per outcome
             err = e
         out.append((err, fusion.samples_trained, fusion.version))
-        if slice_seconds is not None and (time.monotonic() - started > slice_seconds or interrupted()):
+        if slice_seconds is not None and (time.monotonic() - started > slice_seconds
+                                          or interrupt is not None and interrupt.value):
             break
     return out
 
 
-class LocalTrainer:
+class _Interruptible:
+    """A learn(..., interruptible=True) call ends after its current outcome while the flag is set:
+    interrupt() sets it (other threads: the owner has work waiting), clear_interrupt() clears it.
+    The flag is a ctypes byte, in shared memory for the trainer process."""
+
+    _interrupt: Any
+
+    def interrupt(self) -> None:
+        self._interrupt.value = 1
+
+    def clear_interrupt(self) -> None:
+        self._interrupt.value = 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.value != 0
+
+
+class LocalTrainer(_Interruptible):
     """The model in the calling thread: every call runs TransformerFusion directly."""
 
     def __init__(self, fusion: Any):
         self.fusion = fusion
-        self._interrupt = threading.Event()
+        self._interrupt = ctypes.c_byte(0)
 
     @property
     def serving_stats(self) -> ServingStats:
@@ -113,20 +133,8 @@ class LocalTrainer:
         warm_up()
 
     def learn(self, items: Sequence[tuple[Event, int]], slice_seconds: float | None = None, *,
-              snapshot: bool = True) -> list[Learned]:
-        return learn_items(self.fusion, items, slice_seconds, self._interrupt.is_set)
-
-    def interrupt(self) -> None:
-        """Sliced learn() calls end after their current outcome until clear_interrupt() (called by
-        other threads: the owner has work waiting)."""
-        self._interrupt.set()
-
-    def clear_interrupt(self) -> None:
-        self._interrupt.clear()
-
-    @property
-    def interrupted(self) -> bool:
-        return self._interrupt.is_set()
+              snapshot: bool = True, interruptible: bool = False) -> list[Learned]:
+        return learn_items(self.fusion, items, slice_seconds, self._interrupt if interruptible else None)
 
     stale = False  # snapshot() is always current here
 
@@ -149,7 +157,7 @@ class LocalTrainer:
         pass
 
 
-class TrainerProcess:
+class TrainerProcess(_Interruptible):
     """The model in a child process, behind the LocalTrainer interface. Called by one thread (the
     model owner); the properties read what the child last reported."""
 
@@ -159,7 +167,7 @@ class TrainerProcess:
         # The fork server imports torch and the model once; each trainer is a fork of it (fast).
         ctx.set_forkserver_preload([__name__, "titan_fusion.server._trainer_preload"])
         self._conn, child = ctx.Pipe()
-        self._interrupt = ctx.RawValue("b", 0)  # shared memory: set by interrupt(), read by the child
+        self._interrupt = ctx.RawValue("b", 0)  # shared memory: set here by interrupt(), read by the child
         self._proc = ctx.Process(target=_child_main, args=(child, config, n_models, cpus, self._interrupt),
                                  name="titan-fusion-trainer", daemon=True)
         with _HIDE_MAIN:
@@ -209,24 +217,12 @@ class TrainerProcess:
         pass  # the child warmed torch up before its first answer
 
     def learn(self, items: Sequence[tuple[Event, int]], slice_seconds: float | None = None, *,
-              snapshot: bool = True) -> list[Learned]:
+              snapshot: bool = True, interruptible: bool = False) -> list[Learned]:
         """Learn `items`; with `snapshot` False the child skips building and sending the new
         snapshot (about 0.7 ms: worth it while catching up), and `stale` turns true until refresh()."""
-        out = self._call("learn", list(items), slice_seconds, snapshot)
+        out = self._call("learn", list(items), slice_seconds, snapshot, interruptible)
         self.stale = not snapshot
         return out
-
-    def interrupt(self) -> None:
-        """Sliced learn() calls end after their current outcome until clear_interrupt() (called by
-        other threads: the owner has work waiting)."""
-        self._interrupt.value = 1
-
-    def clear_interrupt(self) -> None:
-        self._interrupt.value = 0
-
-    @property
-    def interrupted(self) -> bool:
-        return self._interrupt.value != 0
 
     def refresh(self) -> None:
         """Fetch the current snapshot after learn(..., snapshot=False)."""
@@ -339,10 +335,10 @@ def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[
         with_snapshot = True
         try:
             if op == "learn":
-                items, slice_seconds, with_snapshot = args
+                items, slice_seconds, with_snapshot, interruptible = args
                 result: Any = [(None if err is None else _portable(err), n, v)
                                for err, n, v in learn_items(fusion, items, slice_seconds,
-                                                            lambda: interrupt.value != 0)]
+                                                            interrupt if interruptible else None)]
             elif op == "refresh":
                 result = None
             elif op == "save":

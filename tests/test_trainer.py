@@ -179,10 +179,10 @@ def test_a_script_without_a_main_guard_can_start_a_trainer(tmp_path: Path) -> No
 class _DiesAfter25(LocalTrainer):
     """A trainer that dies on every outcome after the 25th (as if that outcome crashed it)."""
 
-    def learn(self, items, slice_seconds=None, *, snapshot=True):
+    def learn(self, items, slice_seconds=None, *, snapshot=True, interruptible=False):
         if items and self.fusion.samples_trained >= 25:
             raise TrainerDiedError("test: the trainer died")
-        return super().learn(items, slice_seconds, snapshot=snapshot)
+        return super().learn(items, slice_seconds, snapshot=snapshot, interruptible=interruptible)
 
 
 def test_a_trainer_that_keeps_dying_stops_the_owner_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,14 +226,17 @@ def test_an_interrupt_ends_a_sliced_learn_after_its_current_outcome_until_cleare
         items = _items(5, 3000)
         threading.Timer(0.2, trainer.interrupt).start()
         t0 = time.monotonic()
-        first = trainer.learn(items, slice_seconds=60.0)
+        first = trainer.learn(items, slice_seconds=60.0, interruptible=True)
         assert 0 < len(first) < len(items) and time.monotonic() - t0 < 10
         assert trainer.interrupted
-        assert len(trainer.learn(items[len(first):], slice_seconds=60.0)) == 1  # still interrupted: one outcome
-        assert len(trainer.learn(items[len(first) + 1:len(first) + 50], slice_seconds=None)) == 49  # unsliced: all
+        n = len(first)
+        assert len(trainer.learn(items[n:], slice_seconds=60.0, interruptible=True)) == 1  # still interrupted
+        assert len(trainer.learn(items[n + 1:n + 50], slice_seconds=None, interruptible=True)) == 49  # unsliced: all
+        assert len(trainer.learn(items[n + 50:n + 60], slice_seconds=60.0)) == 10  # not interruptible: all
+        assert trainer.interrupted  # and the flag stays for the owner's next catch-up slice
         trainer.clear_interrupt()
         assert not trainer.interrupted
-        assert len(trainer.learn(items[len(first) + 50:len(first) + 60], slice_seconds=60.0)) == 10
-        assert trainer.samples_trained == len(first) + 60
+        assert len(trainer.learn(items[n + 60:n + 70], slice_seconds=60.0, interruptible=True)) == 10
+        assert trainer.samples_trained == n + 70
     finally:
         trainer.close()
