@@ -8,8 +8,8 @@ Floors, measured in the same run and on the same stack:
   without a model (the same protobuf messages, an answer built once): what protobuf and a servicer
   cost before the service does anything. Latency blocks of the three alternate, so that drift of
   this noisy machine hits them alike;
-- Predict p99 beside a plain CPU loop in another process (at the trainer's priority): what any busy
-  process does to Predict on this machine, next to what the service's own training does.
+- Predict p99 beside a plain CPU loop in another process (at the trainer's priority, on its CPU):
+  what the trainer's CPU use alone does to Predict on this machine, next to what its training does.
 
 Figures: in-process forward and training step; Predict p50/p99 one call at a time; Predict p99
 while the service learns a bulk backlog (its trainer busy throughout: training at full rate), and
@@ -81,10 +81,12 @@ def cpu_load(seconds: float) -> None:
     """A pure-Python loop at the trainer process's priority (server/trainer.py lower_priority) and
     on the trainer's CPU (trainer_cpus "auto": the last one): what the trainer's CPU use alone
     does to Predict on this machine, without its training."""
+    from titan_fusion.server import cpus
     from titan_fusion.server.trainer import lower_priority
     lower_priority()
-    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    split = cpus.split(cpus.AUTO, cpus.available())
+    if split is not None:
+        os.sched_setaffinity(0, split.trainer)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         sum(range(1000))
@@ -214,6 +216,15 @@ def _sequential(call, n: int) -> list[float]:
     return out
 
 
+def _sequential_for(call, seconds: float) -> list[float]:
+    """Latencies of `call`, one at a time, for about `seconds`."""
+    out: list[float] = []
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        out += _sequential(call, 200)
+    return out
+
+
 def _predicts_beside(call, bench_args: list[str], seconds: float) -> tuple[list[float], str]:
     """Latencies of `call`, one at a time, while `python -m titan_fusion.server.bench *bench_args
     --seconds S` runs in another process (from 1 s after its start to 1 s before its end); and
@@ -221,10 +232,7 @@ def _predicts_beside(call, bench_args: list[str], seconds: float) -> tuple[list[
     proc = subprocess.Popen([sys.executable, "-m", "titan_fusion.server.bench", *bench_args, "--seconds", str(seconds)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
-    lat: list[float] = []
-    t_end = time.monotonic() + seconds - 2.0
-    while time.monotonic() < t_end:
-        lat += _sequential(call, 200)
+    lat = _sequential_for(call, seconds - 2.0)
     out, err = proc.communicate(timeout=60)
     if proc.returncode != 0:
         raise RuntimeError(f"bench {' '.join(bench_args)} failed: {err[-2000:]}")
@@ -307,7 +315,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         res["predict_idle_after"] = percentiles(idle_again)
         res["record_outcome_sequential_per_s"] = load_stats["outcomes"] / load_stats["seconds"]
         # the same while a plain CPU loop runs in another process instead (at the trainer's
-        # priority): what any busy process does to Predict p99 on this machine
+        # priority, on its CPU): what the trainer's CPU use alone does to Predict p99 here
         beside_loop, _ = _predicts_beside(predict, ["--cpu-load"], load_seconds)
         res["predict_beside_cpu_loop"] = percentiles(beside_loop)
 
@@ -461,18 +469,13 @@ def _predict_while_catching_up(stub, trained_per_s: float, batches, rows, quick:
     predict = lambda: stub.Predict(req, timeout=5)  # noqa: E731
     seconds = 4.0 if quick else 10.0
     _sequential(predict, 300)  # warm
-    idle: list[float] = []
-    t_end = time.monotonic() + seconds
-    while time.monotonic() < t_end:
-        idle += _sequential(predict, 200)
+    idle = _sequential_for(predict, seconds)
     backlog = rows(list(informative_stream(29, int(trained_per_s * (seconds + 2) * 2))), "backlog")
     ack = stub.RecordOutcomeBatches(iter(batches(backlog)), timeout=600)
     time.sleep(0.5)  # the stream's own work is done: from here the service only trains and serves
     applied0 = stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence
-    busy: list[float] = []
     t0 = time.monotonic()
-    while time.monotonic() < t0 + seconds:
-        busy += _sequential(predict, 200)
+    busy = _sequential_for(predict, seconds)
     elapsed = time.monotonic() - t0
     applied1 = stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence
     if applied1 >= ack.journal_sequence:
