@@ -6,8 +6,10 @@ Floors, measured in the same run and on the same stack:
 - over gRPC: a bare echo service (Python grpcio, bytes in, bytes out, no protobuf, no model) in its
   own process, like the fusion service, and in the same server the service's Predict answered
   without a model (the same protobuf messages, an answer built once): what protobuf and a servicer
-  cost before the service does anything. Latency blocks of the three alternate, so that drift of
-  this noisy machine hits them alike;
+  cost before the service does anything; and the model alone (the service's request conversion,
+  forecast and answer building, with nothing of the service around them): what the model costs on
+  this stack, and so what the service adds to it. Latency blocks of the four alternate, so that
+  drift of this noisy machine hits them alike;
 - Predict p99 beside a plain CPU loop in another process (at the trainer's priority, on its CPU):
   what the trainer's CPU use alone does to Predict on this machine, next to what its training does.
 
@@ -39,20 +41,35 @@ from concurrent import futures
 from pathlib import Path
 
 ECHO_METHOD = "/titan.bench.Echo/Echo"
+FORECAST_METHOD = "/titan.bench.Echo/Forecast"  # the model alone, beside the echo (serve_echo)
 BULK_BLOCKS = 5  # bulk replay: service and in-process baseline alternate over this many blocks
 
 
 # ---------------------------------------------------------------- the floors (own process)
 def serve_echo(ready_file: str) -> None:
-    """Two floors in one grpcio server: the bare echo (bytes in, bytes out), and the service's
-    Predict answered without a model: the same protobuf messages, parsed and serialized, and an
-    answer built once (for the first request) and returned as it is. What the service adds to the
-    second is its own work; what the second adds to the echo is protobuf's and the servicer's."""
+    """The floors over gRPC, in one grpcio server (the same stack as the service):
+
+    - the bare echo (bytes in, bytes out);
+    - the service's Predict answered without a model: the same protobuf messages, parsed and
+      serialized, and an answer built once (for the first request) and returned as it is;
+    - the model alone (FORECAST_METHOD): the service's own request conversion, a single-event
+      forecast of a TransformerFusion trained in this process on the same warm-up outcomes as the
+      service (a Snapshot, as the service predicts with), and the service's answer building, with
+      none of the service around it (no predictor queue, owner, metrics, interceptor or checks).
+      Like the other floors it runs in this process, which is not pinned to a CPU as the service's is.
+
+    The second minus the echo is protobuf's and a servicer's cost; the third minus the second, the
+    model's own; the service's Predict minus the third, what the service adds to it."""
     import grpc
 
     from titan_fusion.client.client import SERVER_KEEPALIVE_OPTIONS
+    from titan_fusion.client.convert import to_expert_forecasts
     from titan_fusion.client.pb import fusion_pb2 as pb
     from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+    from titan_fusion.server.fusion import TransformerFusion
+    from titan_fusion.server.inference import Prediction
+    from titan_fusion.server.service import event_from_proto, prediction_to_proto
+    from titan_fusion.server.settings import ServiceConfig
 
     class ConstantPredict(pb_grpc.FusionServiceServicer):
         answer: pb.PredictResponse | None = None
@@ -65,8 +82,26 @@ def serve_echo(ready_file: str) -> None:
                     attention=[pb.ExpertWeight(name=e.name, weight=1.0 / n) for e in request.experts])
             return self.answer
 
-    handler = grpc.method_handlers_generic_handler(
-        "titan.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)})
+    # the service's model on the same outcomes, as the service sees them (the same request fields)
+    import torch
+    torch.set_num_threads(1)  # as the service's process (server/cli.py)
+    defaults = ServiceConfig()
+    fusion = TransformerFusion(defaults.fusion, n_models=defaults.n_models)
+    for e, f, d in warm_up_events():
+        fusion.learn(event_from_proto(to_expert_forecasts(e), f), 1 if d == "UP" else 0)
+    snapshot = fusion.snapshot().prepare()
+
+    def forecast(request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        p = snapshot.predict_one(event_from_proto(request.experts, request.features), "experts")
+        if not isinstance(p, Prediction) or p.source != "fusion":
+            raise RuntimeError(f"the model-only floor did not forecast with the fusion: {p}")
+        return prediction_to_proto(p, request.event_id)
+
+    handler = grpc.method_handlers_generic_handler("titan.bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req),
+        FORECAST_METHOD.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(
+            forecast, request_deserializer=pb.PredictRequest.FromString,
+            response_serializer=pb.PredictResponse.SerializeToString)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=list(SERVER_KEEPALIVE_OPTIONS))
     server.add_generic_rpc_handlers((handler,))
     pb_grpc.add_FusionServiceServicer_to_server(ConstantPredict(), server)
@@ -74,6 +109,13 @@ def serve_echo(ready_file: str) -> None:
     server.start()
     Path(ready_file).write_text(json.dumps({"port": port, "pid": os.getpid()}))
     server.wait_for_termination()
+
+
+def warm_up_events() -> list:
+    """The outcomes the service learns before Predict is measured (past min_samples: the fusion
+    serves); the model-only floor learns the same ones."""
+    from titan_fusion.server.synthetic import informative_stream
+    return list(informative_stream(3, 400))
 
 
 # ---------------------------------------------------------------- a plain CPU load (own process)
@@ -278,31 +320,39 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         stub = pb_grpc.FusionServiceStub(channel)
         echo_call = echo_channel.unary_unary(ECHO_METHOD)
         const_stub = pb_grpc.FusionServiceStub(echo_channel)  # Predict without a model (serve_echo)
+        model_call = echo_channel.unary_unary(FORECAST_METHOD, request_serializer=pb.PredictRequest.SerializeToString,
+                                              response_deserializer=pb.PredictResponse.FromString)  # the model alone
         events = list(informative_stream(3, 1500))
 
         def to_req(e, f):
             return pb.PredictRequest(experts=to_expert_forecasts(e), features=f)
-        for i, (e, f, d) in enumerate(events[:400]):  # past min_samples: the fusion serves
+        for i, (e, f, d) in enumerate(warm_up_events()):  # past min_samples: the fusion serves
             stub.RecordOutcome(pb.RecordOutcomeRequest(
                 experts=to_req(e, f).experts, features=f, event_id=f"warm-{i}",
                 actual_direction=pb.DIRECTION_UP if d == "UP" else pb.DIRECTION_DOWN), timeout=10)
         req = to_req(*events[500][:2])
-        assert stub.Predict(req, timeout=5).source == pb.SOURCE_FUSION
+        served, alone = stub.Predict(req, timeout=5), model_call(req, timeout=5)
+        assert served.source == pb.SOURCE_FUSION
+        assert abs(served.prob_up - alone.prob_up) < 1e-6, (served.prob_up, alone.prob_up)  # the same model
         payload = req.SerializeToString()
         for _ in range(300):  # warm every path
             echo_call(payload, timeout=5)
             const_stub.Predict(req, timeout=5)
+            model_call(req, timeout=5)
             stub.Predict(req, timeout=5)
         blocks, per_block = (4, 500) if quick else (10, 1000)
         echo_lat: list[float] = []
         const_lat: list[float] = []
+        model_lat: list[float] = []
         pred_lat: list[float] = []
         for _ in range(blocks):
             echo_lat += _sequential(lambda: echo_call(payload, timeout=5), per_block)
             const_lat += _sequential(lambda: const_stub.Predict(req, timeout=5), per_block)
+            model_lat += _sequential(lambda: model_call(req, timeout=5), per_block)
             pred_lat += _sequential(lambda: stub.Predict(req, timeout=5), per_block)
         res["echo_sequential"] = percentiles(echo_lat)
         res["constant_predict_sequential"] = percentiles(const_lat)
+        res["model_only_sequential"] = percentiles(model_lat)
         res["predict_sequential"] = percentiles(pred_lat)
 
         # Predict while another process records outcomes at full rate (training on every outcome)
@@ -329,11 +379,14 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
             astub = pb_grpc.FusionServiceStub(ach)
             aecho = ech.unary_unary(ECHO_METHOD)
             aconst = pb_grpc.FusionServiceStub(ech)
+            amodel = ech.unary_unary(FORECAST_METHOD, request_serializer=pb.PredictRequest.SerializeToString,
+                                     response_deserializer=pb.PredictResponse.FromString)
             for c in (1, 8, 32):
                 out[f"echo_inflight_{c}"] = await _in_flight(lambda: aecho(payload, timeout=10), c, seconds)
                 if c == 32:
                     out[f"constant_predict_inflight_{c}"] = await _in_flight(
                         lambda: aconst.Predict(req, timeout=10), c, seconds)
+                    out[f"model_only_inflight_{c}"] = await _in_flight(lambda: amodel(req, timeout=10), c, seconds)
                 out[f"predict_inflight_{c}"] = await _in_flight(lambda: astub.Predict(req, timeout=10), c, seconds)
             # RecordOutcome with 8 in flight: group commits
             counter = iter(range(10**9))
@@ -396,7 +449,7 @@ def bench_bulk(tmp: Path, quick: bool) -> dict:
     from titan_fusion.server.fusion import TransformerFusion
     from titan_fusion.server.synthetic import informative_stream
     n = 3_000 if quick else 10_000
-    warm = list(informative_stream(3, 400))
+    warm = warm_up_events()
     events = list(informative_stream(23, n))
 
     # messages built before the clock starts, BULK_ROWS_PER_MESSAGE rows to a batch
@@ -507,6 +560,12 @@ def table(r: dict) -> str:
          g["echo_sequential"]["p50_us"], "echo p50", ""),
         ("constant-answer Predict p99 (no model), one at a time", g["constant_predict_sequential"]["p99_us"],
          g["echo_sequential"]["p99_us"], "echo p99", ""),
+        ("the model alone p50 (the service's conversion and forecast, nothing around them), one at a time",
+         g["model_only_sequential"]["p50_us"], g["echo_sequential"]["p50_us"], "echo p50", ""),
+        ("the model alone p99, one at a time", g["model_only_sequential"]["p99_us"], g["echo_sequential"]["p99_us"],
+         "echo p99", ""),
+        ("Predict p50 against the model alone: what the service adds", g["predict_sequential"]["p50_us"],
+         g["model_only_sequential"]["p50_us"], "the model alone p50", ""),
         ("Predict p99 while training at full rate (a bulk backlog, trainer busy throughout)",
          g["bulk_replay"]["predict_while_catching_up"]["p99_us"], g["bulk_replay"]["predict_idle"]["p99_us"],
          "idle Predict p99 (same service, same run)", "<= 1.5x"),
@@ -526,6 +585,9 @@ def table(r: dict) -> str:
         if c == 32:
             rows.append(("constant-answer Predict throughput, 32 in flight (calls/s)",
                          g["constant_predict_inflight_32"]["calls_per_s"], g["echo_inflight_32"]["calls_per_s"],
+                         "echo calls/s", ""))
+            rows.append(("the model alone, throughput 32 in flight (calls/s)",
+                         g["model_only_inflight_32"]["calls_per_s"], g["echo_inflight_32"]["calls_per_s"],
                          "echo calls/s", ""))
         rows.append((f"Predict p99, {c} in flight", g[f"predict_inflight_{c}"]["p99_us"],
                      g[f"echo_inflight_{c}"]["p99_us"], "echo p99", ""))
