@@ -1,12 +1,17 @@
 """The outcome journal: an embedded SQLite database (WAL mode) in the data directory.
 
 Tables
-- `outcomes(seq, event_id, payload, label, recorded_at)`: every accepted outcome, in the order the
-  model learned it. `seq` (increasing, never reused; an ignored duplicate may leave a gap) is the sequence number that
+- `outcomes(seq, event_id, payload, label, recorded_at, live)`: every accepted outcome, in the
+  order the model learned it. `seq` (increasing, never reused; an ignored duplicate may leave a gap) is the sequence number that
   checkpoints record as applied; `event_id` is
   unique, which is how a repeated outcome is recognised, across restarts too. An outcome is
   committed (fsynced: `synchronous=FULL`) before RecordOutcome is acknowledged; the outcomes queued
-  together share one transaction.
+  together share one transaction. `live` is what live scoring took from the outcome's Predict, as
+  decided when it was recorded: "served,fusion,average" (the three prob_up, exact decimal floats),
+  or "" for nothing. Learning the outcome again after a restart scores it alike, whatever has become
+  of the Predict since (past the horizon, pruned, predicted again). NULL in rows journaled before
+  the column was added (a journal is migrated when opened): those look their Predict up, as they
+  did. (One text column: binding three REAL columns more cost a bulk row 3 us, a tenth of its path.)
 - `predictions(event_id, payload, predicted_at, served, fusion, average)`: the inputs of served
   Predicts that carried an event_id, so that RecordOutcome may send the event_id alone, within the
   configured horizon, and what was forecast, for live scoring (server/live.py).
@@ -24,7 +29,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import orjson
 
@@ -37,7 +42,8 @@ CREATE TABLE IF NOT EXISTS outcomes (
     event_id    TEXT UNIQUE,
     payload     TEXT NOT NULL,
     label       INTEGER NOT NULL CHECK (label IN (0, 1)),
-    recorded_at REAL NOT NULL
+    recorded_at REAL NOT NULL,
+    live        TEXT  -- live scoring's take: "served,fusion,average" or ""; NULL: journaled before it
 );
 CREATE TABLE IF NOT EXISTS predictions (
     event_id     TEXT PRIMARY KEY,
@@ -49,6 +55,9 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
 """
+# Columns added to `outcomes` since its first version, added to a journal written before them
+OUTCOME_COLUMNS_ADDED = (("live", "TEXT"),)
+INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at, live) VALUES (?, ?, ?, ?, ?)"
 PRUNE_EVERY = 1024  # remembered predictions between two prunings of the predictions table
 SEQ_CHECK_CHUNK = 500  # event_ids per "IN (...)" query (SQLite allows 32,766 parameters)
 
@@ -75,6 +84,15 @@ def decode_event(payload: str | bytes) -> Event:
     return Event(tuple(Expert(prob_up=p, confidence=c, name=n) for p, c, n in d["e"]), d["f"])
 
 
+class Scored(NamedTuple):
+    """What live scoring (server/live.py) takes from an outcome's Predict: the prob_up it served,
+    the fusion's own and the plain average's."""
+
+    served: float
+    fusion: float
+    average: float
+
+
 @dataclass(frozen=True)
 class Predicted:
     """A served Predict: its inputs and what the service, the fusion and the average forecast."""
@@ -83,6 +101,12 @@ class Predicted:
     served: float | None
     fusion: float | None
     average: float | None
+
+    def scored(self) -> Scored | None:
+        """What live scoring takes from it: nothing while the fusion did not forecast."""
+        if self.fusion is None or self.served is None or self.average is None:
+            return None
+        return Scored(self.served, self.fusion, self.average)
 
 
 def _predicted(row: Sequence[Any], oldest: float) -> Predicted | None:
@@ -94,12 +118,34 @@ def _predicted(row: Sequence[Any], oldest: float) -> Predicted | None:
     return Predicted(decode_event(payload), served, fusion, average)
 
 
+def _live_text(s: Scored | None) -> str:
+    """The outcomes.live column: "served,fusion,average" (repr: the floats come back exactly) or ""."""
+    return "" if s is None else f"{s.served!r},{s.fusion!r},{s.average!r}"
+
+
+def _scored(row: Sequence[Any], oldest: float) -> Scored | None:
+    """An outcome's live scoring, from its `live` column followed by its Predict's row (LEFT JOIN
+    predictions: payload, predicted_at, served, fusion, average). The outcome's column decides; a
+    row journaled before it (NULL) looks its Predict up."""
+    live = row[0]
+    if live is not None:
+        return Scored(*map(float, live.split(","))) if live else None
+    p = _predicted(row[1:6], oldest)
+    return None if p is None else p.scored()
+
+
+# An outcome's live column, then its Predict's row (joined only for a row without the column)
+_SCORED_COLUMNS = "o.live, p.payload, p.predicted_at, p.served, p.fusion, p.average"
+_JOIN_PREDICT = "LEFT JOIN predictions p ON p.event_id = o.event_id AND o.live IS NULL"
+
+
 @dataclass(frozen=True)
 class JournaledOutcome:
     seq: int
     event_id: str | None
     event: Event
     label: int
+    scored: Scored | None  # what live scoring took from its Predict when it was recorded
 
 
 class Journal:
@@ -115,16 +161,27 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(outcomes)")}
+        for name, kind in OUTCOME_COLUMNS_ADDED:  # a journal written by an earlier version
+            if name not in have:
+                self._db.execute(f"ALTER TABLE outcomes ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self._db.close()
 
     # ------------------------------------------------------------------ outcomes
-    def append_outcomes(self, items: Sequence[tuple[str | None, Event, int]]) -> list[int | None]:
-        """Commit outcomes in one transaction. Returns each one's seq, or None for a duplicate
-        event_id (already journaled, or earlier in the same batch)."""
+    def append_outcomes(self, items: Sequence[tuple[str | None, Event, int]],
+                        scored: Sequence[Scored | None] | None = None) -> list[int | None]:
+        """Commit outcomes (event_id, event, label) in one transaction, with what live scoring took
+        from each one's Predict (`scored`, item by item; None: nothing, for all of them when
+        omitted). Returns each one's seq, or None for a duplicate event_id (already journaled, or
+        earlier in the same batch)."""
         now = time.time()
-        rows = [(event_id, encode_event(event), label, now) for event_id, event, label in items]
+        if scored is None:
+            rows = [(event_id, encode_event(event), label, now, "") for event_id, event, label in items]
+        else:
+            rows = [(event_id, encode_event(event), label, now, "" if s is None else _live_text(s))
+                    for (event_id, event, label), s in zip(items, scored)]
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -144,7 +201,7 @@ class Journal:
     def _insert_each(cur: sqlite3.Cursor, rows: list[tuple]) -> list[int | None]:
         seqs: list[int | None] = []
         for row in rows:
-            cur.execute("INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at) VALUES (?, ?, ?, ?)", row)
+            cur.execute(INSERT_OUTCOME, row)
             seqs.append(cur.lastrowid if cur.rowcount == 1 else None)
         return seqs
 
@@ -177,8 +234,7 @@ class Journal:
             fresh.append(r)
         if not fresh:
             return seqs
-        cur.executemany("INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at) VALUES (?, ?, ?, ?)",
-                        fresh)
+        cur.executemany(INSERT_OUTCOME, fresh)
         inserted = cur.rowcount  # summed over the rows
         row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outcomes'").fetchone()
         if inserted != len(fresh) or row is None or row[0] != seq:
@@ -195,19 +251,20 @@ class Journal:
 
     def outcomes_after(self, seq: int) -> Iterator[JournaledOutcome]:
         """Outcomes with a sequence number above `seq`, in order: what a checkpoint has not seen."""
-        for s, event_id, payload, label in self._db.execute(
-                "SELECT seq, event_id, payload, label FROM outcomes WHERE seq > ? ORDER BY seq", (seq,)):
-            yield JournaledOutcome(s, event_id, decode_event(payload), label)
-
-    def backlog_after(self, seq: int) -> Iterator[tuple[int, int, Predicted | None]]:
-        """(seq, label, what its Predict forecast) of the outcomes after `seq`, in order, without
-        their events (a replay's backlog may be millions of rows): one query."""
         oldest = time.time() - self.horizon_seconds
-        for s, label, *predicted in self._db.execute(
-                "SELECT o.seq, o.label, p.payload, p.predicted_at, p.served, p.fusion, p.average "
-                "FROM outcomes o LEFT JOIN predictions p ON p.event_id = o.event_id "
+        for s, event_id, payload, label, *scored in self._db.execute(
+                f"SELECT o.seq, o.event_id, o.payload, o.label, {_SCORED_COLUMNS} FROM outcomes o {_JOIN_PREDICT} "
                 "WHERE o.seq > ? ORDER BY o.seq", (seq,)):
-            yield s, label, _predicted(predicted, oldest)
+            yield JournaledOutcome(s, event_id, decode_event(payload), label, _scored(scored, oldest))
+
+    def backlog_after(self, seq: int) -> Iterator[tuple[int, int, Scored | None]]:
+        """(seq, label, what live scoring took from its Predict) of the outcomes after `seq`, in
+        order, without their events (a replay's backlog may be millions of rows): one query."""
+        oldest = time.time() - self.horizon_seconds
+        for s, label, *scored in self._db.execute(
+                f"SELECT o.seq, o.label, {_SCORED_COLUMNS} FROM outcomes o {_JOIN_PREDICT} "
+                "WHERE o.seq > ? ORDER BY o.seq", (seq,)):
+            yield s, label, _scored(scored, oldest)
 
     def events_between(self, first: int, last: int) -> dict[int, Event]:
         """seq -> event of the outcomes with first <= seq <= last (the owner's bulk backlog)."""

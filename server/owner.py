@@ -31,7 +31,8 @@ handler thread, with no hand-off; concurrent ones share a forward. Training neve
 
 On start, the owner loads the newest valid checkpoint, replays the journal's outcomes after it
 through the same learn() as live outcomes (training is event-driven and deterministic, so the model
-is the one an uninterrupted service would have), and only then reports ready; after
+is the one an uninterrupted service would have; live scoring takes what was journaled with each
+outcome, so the served source is that service's too), and only then reports ready; after
 STARTUP_LEARN_SECONDS, what is left (a bulk replay's backlog) is learned while serving, as it would
 have been without the restart.
 """
@@ -51,7 +52,7 @@ from .errors import (DeadlineExpiredError, FusionInputError, NotReadyError, Over
 from .events import plain_average
 from .inference import (REASON_UNDERPERFORMING, SOURCE_FUSION, Event, Prediction, Schema, ServingStats, Snapshot,
                         average_prediction)
-from .journal import Journal, Predicted
+from .journal import Journal, Scored
 from .live import LiveScorer
 from .store import CheckpointInfo, CheckpointStore, check_name
 from .trainer import LocalTrainer, TrainerDiedError, TrainerProcess
@@ -115,7 +116,7 @@ class _Pending:
     label: int
     future: Future | None  # a RecordOutcome waiting for this outcome to be learned
     from_predict: bool
-    predicted: Predicted | None  # what a Predict with this event_id forecast: live scoring
+    scored: Scored | None  # what live scoring takes from its Predict (journaled with it)
 
 
 @dataclass(frozen=True)
@@ -407,8 +408,8 @@ class ModelOwner:
         self._journal_seq = max(self._applied_seq, self._journal.last_seq())
         # What the time did not allow is learned while serving: queued like a bulk replay's rows
         # (the journal has their events), with what their Predicts forecast, for live scoring.
-        for seq, label, predicted in self._journal.backlog_after(self._applied_seq):
-            self._pending.append(_Pending(seq, None, label, None, False, predicted))
+        for seq, label, scored in self._journal.backlog_after(self._applied_seq):
+            self._pending.append(_Pending(seq, None, label, None, False, scored))
         if not self._pending:
             self._applied_seq = self._journal_seq
         self._last_outcome_time = self._journal.last_recorded_at()  # so "no outcomes for N hours" survives restarts
@@ -473,7 +474,7 @@ class ModelOwner:
             elif err is not None:
                 raise err
             elif score:
-                self._score(self._journal.predicted(jo.event_id) if jo.event_id else None, jo.label)
+                self._score(jo.scored, jo.label)
             self._applied_seq = jo.seq
         return len(outcomes)
 
@@ -521,11 +522,11 @@ class ModelOwner:
 
     # ------------------------------------------------------------------ outcomes
     def _validate(self, event: Event | None, event_id: str, bulk: bool = False,
-                  checked: dict | None = None) -> tuple[Event | None, bool, Predicted | None]:
+                  checked: dict | None = None) -> tuple[Event | None, bool, Scored | None]:
         """Resolve an outcome's inputs (from an earlier Predict if it has none) and check them
-        against the schema as of the journal's head. Returns (event, from_predict, the Predict with
-        this event_id if any); event None means a duplicate known only by its event_id. Raises
-        FusionInputError.
+        against the schema as of the journal's head. Returns (event, from_predict, what live scoring
+        takes from the Predict with this event_id, if any); event None means a duplicate known only
+        by its event_id. Raises FusionInputError.
 
         `checked` (a bulk chunk's): the expert names and feature names already found to fit, each
         with the schema they fit. The check depends on those names and the schema only, so rows
@@ -541,6 +542,7 @@ class ModelOwner:
                                         f"{self._journal.horizon_seconds:g} s; send the experts and features")
             event = predicted.event
             from_predict = True
+        scored = predicted.scored() if predicted is not None else None
         schema = self._schema_ahead
         if len(event.experts) != schema.n_models:
             raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
@@ -548,23 +550,25 @@ class ModelOwner:
         if checked is not None:
             key = (tuple([e.name for e in event.experts]), tuple(event.features))
             if checked.get(key) is schema:
-                return event, from_predict, predicted
+                return event, from_predict, scored
         _, _, new_names, new_features = schema.check(event, "experts")
         if new_names is not None or new_features is not None:
             self._schema_ahead = schema.fixing(new_names, new_features)
         elif checked is not None:
             checked[key] = schema
-        return event, from_predict, predicted
+        return event, from_predict, scored
 
-    def _journal_rows(self, rows: list[tuple[Event | None, str, int]]) -> list[int | None] | Exception:
-        """Commit the rows that have inputs in one transaction; seq per row (None = duplicate)."""
-        to_journal = [(eid or None, ev, label) for ev, eid, label in rows if ev is not None]
+    def _journal_rows(self, rows: list[tuple[Event | None, str, int, Scored | None]]) -> list[int | None] | Exception:
+        """Commit the rows that have inputs in one transaction, each with what live scoring takes
+        from its Predict; seq per row (None = duplicate)."""
+        to_journal = [(eid or None, ev, label) for ev, eid, label, _ in rows if ev is not None]
+        scored = [s for ev, _, _, s in rows if ev is not None]
         try:
-            seqs = iter(self._journal.append_outcomes(to_journal)) if to_journal else iter(())
+            seqs = iter(self._journal.append_outcomes(to_journal, scored)) if to_journal else iter(())
         except Exception as e:
             log.exception("journal commit failed")
             return e
-        out = [next(seqs) if ev is not None else None for ev, _, _ in rows]
+        out = [next(seqs) if ev is not None else None for ev, _, _, _ in rows]
         self._journal_seq = max([self._journal_seq] + [s for s in out if s is not None])
         return out
 
@@ -572,24 +576,24 @@ class ModelOwner:
         """RecordOutcome: validate, journal in one transaction, queue for learning. Each is
         answered once learned and published; a duplicate at once (with the rest of the batch)."""
         now = time.monotonic()
-        live: list[tuple[_Work, Event | None, str, int, bool, Predicted | None]] = []
+        live: list[tuple[_Work, Event | None, str, int, bool, Scored | None]] = []
         for w in items:
             if w.deadline is not None and now > w.deadline:
                 self._reply(w.future, error=DeadlineExpiredError("the deadline passed while the outcome was queued"))
                 continue
             event, event_id, label = w.payload
             try:
-                event, from_predict, predicted = self._validate(event, event_id)
+                event, from_predict, scored = self._validate(event, event_id)
             except FusionInputError as e:
                 self._reply(w.future, error=e)
                 continue
-            live.append((w, event, event_id, label, from_predict, predicted))
-        seqs = self._journal_rows([(ev, eid, label) for _, ev, eid, label, _, _ in live])
+            live.append((w, event, event_id, label, from_predict, scored))
+        seqs = self._journal_rows([(ev, eid, label, scored) for _, ev, eid, label, _, scored in live])
         if isinstance(seqs, Exception):
             for w, *_ in live:
                 self._reply(w.future, error=seqs)
             return
-        for (w, event, event_id, label, from_predict, predicted), seq in zip(live, seqs):
+        for (w, event, event_id, label, from_predict, scored), seq in zip(live, seqs):
             if seq is None:
                 self._on_outcome(True)
                 original = self._journal.seq_of(event_id) if self._pending and w.future is not None else None
@@ -599,7 +603,7 @@ class ModelOwner:
                 else:
                     self._reply(w.future, _Duplicate(from_predict))
             else:
-                self._pending.append(_Pending(seq, event, label, w.future, from_predict, predicted))
+                self._pending.append(_Pending(seq, event, label, w.future, from_predict, scored))
                 self._waiters += w.future is not None
 
     def _commit_bulk(self, w: _Work) -> None:
@@ -626,26 +630,26 @@ class ModelOwner:
                     continue
                 event, event_id, label = outcome
                 try:
-                    event, _, predicted = validate(event, event_id, True, checked)
+                    event, _, scored = validate(event, event_id, True, checked)
                 except FusionInputError as e:
                     results.append(("rejected", (index, event_id, e)))
                     continue
-                rows.append((index, event, event_id, label, predicted))
+                rows.append((index, event, event_id, label, scored))
         except Exception as e:  # a bug: the stream fails (INTERNAL), the owner carries on
             log.exception("converting a RecordOutcomes chunk failed")
             w.future.set_exception(e)
             return
-        seqs = self._journal_rows([(ev, eid, label) for _, ev, eid, label, _ in rows])
+        seqs = self._journal_rows([(ev, eid, label, scored) for _, ev, eid, label, scored in rows])
         if isinstance(seqs, Exception):
             w.future.set_exception(seqs)
             return
         pending = self._pending
-        for (index, event, event_id, label, predicted), seq in zip(rows, seqs):
+        for (index, event, event_id, label, scored), seq in zip(rows, seqs):
             if seq is None:
                 self._on_outcome(True)
                 results.append(("duplicate", (index, event_id)))
             else:
-                pending.append(_Pending(seq, None, label, None, False, predicted))  # the journal has the event
+                pending.append(_Pending(seq, None, label, None, False, scored))  # the journal has the event
                 results.append(("accepted", (index, seq)))
         self._bulk_at = time.monotonic()
         w.future.set_result(BulkAck(results, self._journal_seq))
@@ -682,7 +686,7 @@ class ModelOwner:
                     log.error("learning journaled outcome seq=%d failed: %s: %s", p.seq, type(err).__name__, err)
                     self._reply(p.future, error=err)
                 else:
-                    self._score(p.predicted, p.label)
+                    self._score(p.scored, p.label)
                     self._on_outcome(False)
                     self._reply(p.future, OutcomeAck(False, samples, version, p.from_predict, p.seq))
                 self._applied_seq = p.seq
@@ -722,10 +726,10 @@ class ModelOwner:
                   if any(p.event is None for p in batch) else {})
         return [(p.event if p.event is not None else stored[p.seq], p.label) for p in batch]
 
-    def _score(self, predicted: Predicted | None, label: int) -> None:
+    def _score(self, scored: Scored | None, label: int) -> None:
         """Live shadow scoring of a predicted event (see server/live.py)."""
-        if predicted is not None and predicted.fusion is not None:
-            self._scorer.observe(predicted.served, predicted.fusion, predicted.average, label)
+        if scored is not None:
+            self._scorer.observe(scored.served, scored.fusion, scored.average, label)
 
     # ------------------------------------------------------------------ checkpoints
     def _one(self, w: _Work) -> None:

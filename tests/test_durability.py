@@ -119,20 +119,61 @@ def test_the_journal_survives_reopening_and_keeps_its_sequence(tmp_path, stream)
     j.close()
 
 
-def test_the_backlog_after_a_seq_comes_with_what_its_predicts_forecast(tmp_path, stream):
-    """backlog_after: (seq, label, Predicted or None) in seq order, one query; a prediction past the
-    horizon is None, as predicted() says."""
-    from titan_fusion.server.journal import Predicted
+def test_the_backlog_comes_with_what_live_scoring_took_when_each_outcome_was_recorded(tmp_path, stream):
+    """backlog_after and outcomes_after give each outcome the live scoring journaled with it: the
+    same after its Predict was predicted again, went past the horizon and was pruned."""
+    from titan_fusion.server.journal import Scored
 
     j = Journal(tmp_path / "j.sqlite3", horizon_seconds=1.0)
     a, b = (Event.parse(*x[:2]) for x in stream(48, 2))
-    j.remember_predictions([("old", a, 0.6, 0.7, 0.5)])
+    took = Scored(0.4, 0.42, 0.45)
+    assert j.append_outcomes([("x", a, 1), ("p", b, 0), (None, a, 1)], [None, took, None]) == [1, 2, 3]
+    assert j.append_outcomes([("y", a, 0)]) == [4]  # no scoring given: none
+    want = [(2, 0, took), (3, 1, None), (4, 0, None)]
+    assert list(j.backlog_after(1)) == want
+    j.remember_predictions([("p", b, 0.9, 0.9, 0.9), ("x", a, 0.6, 0.7, 0.5)])  # predicted again, or late
+    assert list(j.backlog_after(1)) == want
+    assert [(o.seq, o.label, o.scored) for o in j.outcomes_after(0)] == [(1, 1, None)] + want
     time.sleep(1.1)
-    j.remember_predictions([("p", b, 0.4, None, 0.45)])
-    assert j.append_outcomes([("x", a, 1), ("p", b, 0), (None, a, 1), ("old", a, 0)]) == [1, 2, 3, 4]
-    assert list(j.backlog_after(1)) == [(2, 0, Predicted(b, 0.4, None, 0.45)), (3, 1, None), (4, 0, None)]
-    assert [(s, label, j.predicted(eid) if eid else None) for s, eid, _, label in
-            ((o.seq, o.event_id, o.event, o.label) for o in j.outcomes_after(1))] == list(j.backlog_after(1))
+    assert j.prune_predictions() == 2
+    assert list(j.backlog_after(1)) == want
+    assert [(o.seq, o.label, o.scored) for o in j.outcomes_after(1)] == want
+    j.close()
+
+
+def test_a_journal_from_before_the_scoring_columns_is_migrated_and_its_rows_look_their_predicts_up(
+        tmp_path, stream):
+    """Rows journaled before the scoring columns existed look their Predict up when learned again,
+    as they did (within the horizon); rows journaled after the migration carry their own."""
+    import sqlite3
+
+    from titan_fusion.server.journal import Scored, encode_event
+
+    path = tmp_path / "j.sqlite3"
+    a, b = (Event.parse(*x[:2]) for x in stream(49, 2))
+    now = time.time()
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE outcomes (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, payload TEXT NOT NULL,
+                               label INTEGER NOT NULL CHECK (label IN (0, 1)), recorded_at REAL NOT NULL);
+        CREATE TABLE predictions (event_id TEXT PRIMARY KEY, payload TEXT NOT NULL, predicted_at REAL NOT NULL,
+                                  served REAL, fusion REAL, average REAL);""")
+    db.executemany("INSERT INTO outcomes (event_id, payload, label, recorded_at) VALUES (?, ?, ?, ?)",
+                   [("p", encode_event(b), 0, now), ("old", encode_event(a), 1, now), (None, encode_event(a), 1, now),
+                    ("warming", encode_event(a), 0, now)])
+    db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?)",
+                   [("p", encode_event(b), now, 0.4, 0.42, 0.45), ("old", encode_event(a), now - 60, 0.6, 0.7, 0.5),
+                    ("warming", encode_event(a), now, 0.5, None, 0.5)])
+    db.commit()
+    db.close()
+    j = Journal(path, horizon_seconds=30.0)
+    assert j.append_outcomes([("new", a, 1)], [Scored(0.1, 0.2, 0.3)]) == [5]
+    want = [(1, 0, Scored(0.4, 0.42, 0.45)), (2, 1, None), (3, 1, None), (4, 0, None), (5, 1, Scored(0.1, 0.2, 0.3))]
+    assert list(j.backlog_after(0)) == want
+    assert [(o.seq, o.label, o.scored) for o in j.outcomes_after(0)] == want
+    j.close()
+    j = Journal(path, horizon_seconds=30.0)  # reopening a migrated journal changes nothing
+    assert list(j.backlog_after(0)) == want
     j.close()
 
 

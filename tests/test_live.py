@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 import urllib.request
 
 import pytest
@@ -103,3 +104,41 @@ def test_the_service_serves_the_average_while_the_fusion_underperforms_and_back(
     finally:
         client.close()
         svc.stop(grace=1)
+
+
+def test_live_scoring_replayed_after_a_crash_is_what_the_service_scored_before_it(tmp_path):
+    """After a crash (no checkpoint: the journal is learned again from the start), live scoring
+    takes what the running service took, as journaled with each outcome: though every Predict is
+    past the horizon by then, and a bulk row that carried its inputs (history, not scored live) has
+    the event_id of a Predict."""
+    from service_helpers import events, start, wait_until
+
+    data = tmp_path / "data"
+    svc, port, _ = start(data, event_horizon_seconds=2.0)
+    evs = events(61, 150)
+    with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as c:
+        for i, (e, f, d) in enumerate(evs[:30]):  # past min_samples (20): the fusion forecasts
+            c.record_outcome(e, f, actual_direction=d, event_id=f"warm-{i}")
+        for i, (e, f, d) in enumerate(evs[30:100]):  # Predict, then RecordOutcome by event_id: scored
+            c.predict(e, f, event_id=f"live-{i}")
+            c.record_outcome(actual_direction=d, event_id=f"live-{i}")
+        for i, (e, f, _) in enumerate(evs[100:]):
+            c.predict(e, f, event_id=f"bulk-{i}")
+        result = c.record_outcomes({"experts": e, "features": f, "actual_direction": d, "event_id": f"bulk-{i}"}
+                                   for i, (e, f, d) in enumerate(evs[100:]))
+        assert result.accepted == 50
+        wait_until(lambda: c.stats()["service"]["training_lag"] == 0, what="the bulk rows learned")
+        before = c.stats()["live"]
+    assert before["fusion"]["outcomes"] == before["served"]["outcomes"] == 70
+    time.sleep(2.1)  # every Predict is past the horizon now
+    svc.owner.stop(checkpoint=False)  # as after a crash: nothing but the journal
+    svc.stop(grace=0)
+    assert list((data / "checkpoints").iterdir()) == []
+
+    svc, port, _ = start(data, event_horizon_seconds=2.0)
+    try:
+        with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as c:
+            assert c.stats()["samples_trained"] == 150
+            assert repr(c.stats()["live"]) == repr(before)  # repr: NaN (no excess yet) equals NaN
+    finally:
+        svc.stop(grace=0)
