@@ -539,11 +539,23 @@ def _predict_while_catching_up(stub, trained_per_s: float, batches, rows, quick:
             "catch_up_lag_left": ack.journal_sequence - applied1}
 
 
+POLL_FLOOR_SECONDS = 0.02  # _wait_applied: at most this late in seeing the service caught up
+ASSUMED_MAX_LEARN_RATE = 2000.0  # outcomes/s; well above what the service learns here (~300-400)
+
+
 def _wait_applied(stub, seq: int) -> None:
-    """Until the service's model has learned every outcome up to journal seq `seq`."""
+    """Until the service's model has learned every outcome up to journal seq `seq`.
+
+    Each Stats poll costs CPU on this machine's two cores, which the trainer shares (a poll every
+    20 ms throughout is a few per cent of a core). So it sleeps as long as the outcomes left would
+    take at ASSUMED_MAX_LEARN_RATE (at most 0.5 s), which cannot carry it past the end by more than
+    POLL_FLOOR_SECONDS while the service learns slower than that."""
     from titan_fusion.client.pb import fusion_pb2 as pb
-    while stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence < seq:
-        time.sleep(0.02)
+    while True:
+        left = seq - stub.Stats(pb.StatsRequest(), timeout=10).service.applied_sequence
+        if left <= 0:
+            return
+        time.sleep(min(0.5, max(POLL_FLOOR_SECONDS, left / ASSUMED_MAX_LEARN_RATE)))
 
 
 def table(r: dict) -> str:
