@@ -11,7 +11,8 @@ Tables
   or "" for nothing. Learning the outcome again after a restart scores it alike, whatever has become
   of the Predict since (past the horizon, pruned, predicted again). NULL in rows journaled before
   the column was added (a journal is migrated when opened): those look their Predict up, as they
-  did. (One text column: binding three REAL columns more cost a bulk row 3 us, a tenth of its path.)
+  did. (One text column: four, a flag and three REALs, cost `append_outcomes` 3 us a row, a tenth
+  of a bulk row's whole path.)
 - `predictions(event_id, payload, predicted_at, served, fusion, average)`: the inputs of served
   Predicts that carried an event_id, so that RecordOutcome may send the event_id alone, within the
   configured horizon, and what was forecast, for live scoring (server/live.py).
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
 """
-# Columns added to `outcomes` since its first version, added to a journal written before them
+# Columns added to `outcomes` since its first version: added to a journal written before them.
 OUTCOME_COLUMNS_ADDED = (("live", "TEXT"),)
 INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at, live) VALUES (?, ?, ?, ?, ?)"
 PRUNE_EVERY = 1024  # remembered predictions between two prunings of the predictions table
@@ -180,7 +181,7 @@ class Journal:
         if scored is None:
             rows = [(event_id, encode_event(event), label, now, "") for event_id, event, label in items]
         else:
-            rows = [(event_id, encode_event(event), label, now, "" if s is None else _live_text(s))
+            rows = [(event_id, encode_event(event), label, now, _live_text(s))
                     for (event_id, event, label), s in zip(items, scored)]
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")

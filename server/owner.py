@@ -407,7 +407,7 @@ class ModelOwner:
         self._since_checkpoint += replayed
         self._journal_seq = max(self._applied_seq, self._journal.last_seq())
         # What the time did not allow is learned while serving: queued like a bulk replay's rows
-        # (the journal has their events), with what their Predicts forecast, for live scoring.
+        # (the journal has their events), with what live scoring took from their Predicts.
         for seq, label, scored in self._journal.backlog_after(self._applied_seq):
             self._pending.append(_Pending(seq, None, label, None, False, scored))
         if not self._pending:

@@ -141,10 +141,10 @@ def test_the_backlog_comes_with_what_live_scoring_took_when_each_outcome_was_rec
     j.close()
 
 
-def test_a_journal_from_before_the_scoring_columns_is_migrated_and_its_rows_look_their_predicts_up(
+def test_a_journal_from_before_the_live_column_is_migrated_and_its_rows_look_their_predicts_up(
         tmp_path, stream):
-    """Rows journaled before the scoring columns existed look their Predict up when learned again,
-    as they did (within the horizon); rows journaled after the migration carry their own."""
+    """Rows journaled before the live-scoring column existed look their Predict up when learned
+    again, as they did (within the horizon); rows journaled after the migration carry their own."""
     import sqlite3
 
     from titan_fusion.server.journal import Scored, encode_event
@@ -167,6 +167,7 @@ def test_a_journal_from_before_the_scoring_columns_is_migrated_and_its_rows_look
     db.commit()
     db.close()
     j = Journal(path, horizon_seconds=30.0)
+    assert "live" in {row[1] for row in j._db.execute("PRAGMA table_info(outcomes)")}
     assert j.append_outcomes([("new", a, 1)], [Scored(0.1, 0.2, 0.3)]) == [5]
     want = [(1, 0, Scored(0.4, 0.42, 0.45)), (2, 1, None), (3, 1, None), (4, 0, None), (5, 1, Scored(0.1, 0.2, 0.3))]
     assert list(j.backlog_after(0)) == want
