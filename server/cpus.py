@@ -78,13 +78,23 @@ def split(setting: str, cpus: frozenset[int] | None) -> Split | None:
     return Split(service=cpus - trainer, trainer=trainer)
 
 
+def affinities() -> dict[int, frozenset[int]]:
+    """Each thread of this process (by thread id) and the CPUs it may run on."""
+    out: dict[int, frozenset[int]] = {}
+    for tid in _threads():
+        try:
+            out[tid] = frozenset(os.sched_getaffinity(tid))
+        except OSError:  # the thread has ended meanwhile
+            pass
+    return out
+
+
 def pin_process(cpus: frozenset[int]) -> dict[int, frozenset[int]]:
     """Every thread of this process onto `cpus` (threads started later inherit it from the thread
     that starts them); returns each thread's previous CPUs, for restore()."""
-    before: dict[int, frozenset[int]] = {}
-    for tid in _threads():
+    before = affinities()
+    for tid in before:
         try:
-            before[tid] = frozenset(os.sched_getaffinity(tid))
             os.sched_setaffinity(tid, cpus)
         except OSError:  # the thread has ended meanwhile
             pass

@@ -51,22 +51,12 @@ def test_a_thread_trainer_pins_nothing(tmp_path: Path) -> None:
     assert cpu_split(config(tmp_path, trainer="thread", trainer_cpus="0")) is None
 
 
-def _affinities() -> dict[int, frozenset[int]]:
-    out = {}
-    for t in os.listdir("/proc/self/task"):
-        try:
-            out[int(t)] = F(os.sched_getaffinity(int(t)))
-        except OSError:  # ended meanwhile
-            pass
-    return out
-
-
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs CPU affinity and two CPUs")
 def test_the_trainer_has_its_cpu_at_idle_priority_the_service_keeps_off_it_and_gives_cpus_back(
         tmp_path: Path) -> None:
     mine = F(os.sched_getaffinity(0))
-    before = _affinities()
+    before = cpus.affinities()
     svc, port, _ = start(tmp_path, trainer_cpus="auto")
     try:
         assert svc.cpu_split == cpus.Split(service=mine - {max(mine)}, trainer=F({max(mine)}))
@@ -75,7 +65,7 @@ def test_the_trainer_has_its_cpu_at_idle_priority_the_service_keeps_off_it_and_g
         assert status.split("Cpus_allowed_list:")[1].split()[0] == str(max(mine))
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # server/trainer.py lower_priority
         # every thread of the service's process, those started by the service included
-        during = _affinities()
+        during = cpus.affinities()
         assert set(during) - set(before), "the service started threads"
         assert set(during.values()) == {mine - {max(mine)}}, during
         # and it serves: a thread started now inherits the service's CPUs
@@ -86,7 +76,7 @@ def test_the_trainer_has_its_cpu_at_idle_priority_the_service_keeps_off_it_and_g
         assert seen == [mine - {max(mine)}]
     finally:
         svc.stop()
-    after = _affinities()
+    after = cpus.affinities()
     assert all(after[tid] == cpus_before for tid, cpus_before in before.items() if tid in after), (before, after)
 
 
