@@ -111,6 +111,13 @@ def serve_echo(ready_file: str) -> None:
     server.wait_for_termination()
 
 
+def _forecast_call(channel):
+    """The model-alone floor's method (FORECAST_METHOD) on a channel to serve_echo, sync or aio."""
+    from titan_fusion.client.pb import fusion_pb2 as pb
+    return channel.unary_unary(FORECAST_METHOD, request_serializer=pb.PredictRequest.SerializeToString,
+                               response_deserializer=pb.PredictResponse.FromString)
+
+
 def warm_up_events() -> list:
     """The outcomes the service learns before Predict is measured (past min_samples: the fusion
     serves); the model-only floor learns the same ones."""
@@ -320,8 +327,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         stub = pb_grpc.FusionServiceStub(channel)
         echo_call = echo_channel.unary_unary(ECHO_METHOD)
         const_stub = pb_grpc.FusionServiceStub(echo_channel)  # Predict without a model (serve_echo)
-        model_call = echo_channel.unary_unary(FORECAST_METHOD, request_serializer=pb.PredictRequest.SerializeToString,
-                                              response_deserializer=pb.PredictResponse.FromString)  # the model alone
+        model_call = _forecast_call(echo_channel)  # the model alone (serve_echo)
         events = list(informative_stream(3, 1500))
 
         def to_req(e, f):
@@ -379,8 +385,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
             astub = pb_grpc.FusionServiceStub(ach)
             aecho = ech.unary_unary(ECHO_METHOD)
             aconst = pb_grpc.FusionServiceStub(ech)
-            amodel = ech.unary_unary(FORECAST_METHOD, request_serializer=pb.PredictRequest.SerializeToString,
-                                     response_deserializer=pb.PredictResponse.FromString)
+            amodel = _forecast_call(ech)
             for c in (1, 8, 32):
                 out[f"echo_inflight_{c}"] = await _in_flight(lambda: aecho(payload, timeout=10), c, seconds)
                 if c == 32:
