@@ -252,25 +252,19 @@ class Journal:
 
     def outcomes_after(self, seq: int) -> Iterator[JournaledOutcome]:
         """Outcomes with a sequence number above `seq`, in order: what a checkpoint has not seen."""
+        return self._outcomes("o.seq > ?", seq)
+
+    def outcomes_from(self, seq: int, limit: int) -> list[JournaledOutcome]:
+        """The first `limit` outcomes with a sequence number from `seq` on, in order: a slice of a
+        backlog being learned (the owner's Backlog reads its spans back with it)."""
+        return list(self._outcomes("o.seq >= ?", seq, limit))
+
+    def _outcomes(self, where: str, seq: int, limit: int = -1) -> Iterator[JournaledOutcome]:
         oldest = time.time() - self.horizon_seconds
         for s, event_id, payload, label, *scored in self._db.execute(
                 f"SELECT o.seq, o.event_id, o.payload, o.label, {_SCORED_COLUMNS} FROM outcomes o {_JOIN_PREDICT} "
-                "WHERE o.seq > ? ORDER BY o.seq", (seq,)):
+                f"WHERE {where} ORDER BY o.seq LIMIT ?", (seq, limit)):  # LIMIT -1: no limit
             yield JournaledOutcome(s, event_id, decode_event(payload), label, _scored(scored, oldest))
-
-    def backlog_after(self, seq: int) -> Iterator[tuple[int, int, Scored | None]]:
-        """(seq, label, what live scoring took from its Predict) of the outcomes after `seq`, in
-        order, without their events (a replay's backlog may be millions of rows): one query."""
-        oldest = time.time() - self.horizon_seconds
-        for s, label, *scored in self._db.execute(
-                f"SELECT o.seq, o.label, {_SCORED_COLUMNS} FROM outcomes o {_JOIN_PREDICT} "
-                "WHERE o.seq > ? ORDER BY o.seq", (seq,)):
-            yield s, label, _scored(scored, oldest)
-
-    def events_between(self, first: int, last: int) -> dict[int, Event]:
-        """seq -> event of the outcomes with first <= seq <= last (the owner's bulk backlog)."""
-        return {s: decode_event(payload) for s, payload in self._db.execute(
-            "SELECT seq, payload FROM outcomes WHERE seq BETWEEN ? AND ?", (first, last))}
 
     def last_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM outcomes").fetchone()
@@ -285,8 +279,9 @@ class Journal:
         row = self._db.execute("SELECT MAX(recorded_at) FROM outcomes").fetchone()
         return float(row[0] or 0.0)
 
-    def count_outcomes(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0])
+    def count_outcomes(self, after: int = 0) -> int:
+        """How many outcomes are journaled with a sequence number above `after`."""
+        return int(self._db.execute("SELECT COUNT(*) FROM outcomes WHERE seq > ?", (after,)).fetchone()[0])
 
     # ------------------------------------------------------------------ predictions
     def remember_predictions(self, items: Sequence[tuple]) -> None:

@@ -16,8 +16,9 @@ statistics), and only then answers the batch: nothing is acknowledged before its
 Predict sent after a RecordOutcome's acknowledgement sees the model that includes it. A
 bulk chunk (RecordOutcomes, RecordOutcomeBatches) is acknowledged once journaled; while a bulk stream arrives and no
 caller waits for an outcome, the owner journals first (waiting briefly for the next chunk rather
-than training between chunks) and training catches up from the backlog after it. The backlog keeps
-only sequence numbers in memory; its events are read back from the journal as they are learned.
+than training between chunks) and training catches up from the backlog after it. The backlog holds
+a bulk stream's rows as spans of the journal (a few objects, however many rows), read back a chunk
+at a time as they are learned.
 
 If the trainer process dies, the owner starts a new one and rebuilds the model from the newest
 checkpoint and the journal; if it dies MAX_RESTARTS_IN_A_ROW + 1 times without learning anything,
@@ -112,11 +113,97 @@ class _Duplicate:
 @dataclass(slots=True)
 class _Pending:
     seq: int
-    event: Event | None  # None for a bulk row: read back from the journal when it is learned
+    event: Event
     label: int
     future: Future | None  # a RecordOutcome waiting for this outcome to be learned
     from_predict: bool
     scored: Scored | None  # what live scoring takes from its Predict (journaled with it)
+
+
+@dataclass(slots=True)
+class _Span:
+    """Journaled outcomes that nobody waits for, held as a place in the journal: its next `count`
+    outcomes from seq `first` on (seq `last` the newest)."""
+
+    first: int
+    last: int
+    count: int
+
+
+class Backlog:
+    """The outcomes journaled and not learned yet, in seq order (the owner thread's alone).
+
+    An outcome whose caller waits for it (RecordOutcome) is held as it came: its event, its future.
+    The rows that nobody waits for (a bulk replay's, a restart's backlog) are held as spans of the
+    journal and read back from it (event, label, live scoring's take) a chunk at a time, when they
+    are learned: a replay's backlog of millions of rows costs a few objects, where a _Pending per
+    row cost 120 bytes (120 MB a million rows).
+    """
+
+    def __init__(self, journal: Journal):
+        self._journal = journal
+        self._items: deque[_Pending | _Span] = deque()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def add(self, p: _Pending) -> None:
+        self._items.append(p)
+        self._len += 1
+
+    def add_journaled(self, first: int, last: int, count: int) -> None:
+        """`count` journaled outcomes, seqs `first` to `last`, after every outcome added so far."""
+        if count:
+            tail = self._items[-1] if self._items else None
+            if type(tail) is _Span:
+                tail.last, tail.count = last, tail.count + count
+            else:
+                self._items.append(_Span(first, last, count))
+            self._len += count
+
+    @property
+    def first_seq(self) -> int:
+        head = self._items[0]
+        return head.seq if type(head) is _Pending else head.first
+
+    @property
+    def last_seq(self) -> int:
+        tail = self._items[-1]
+        return tail.seq if type(tail) is _Pending else tail.last
+
+    def head(self, n: int) -> list[_Pending]:
+        """The first `n` outcomes (fewer if there are fewer), spans read back from the journal."""
+        out: list[_Pending] = []
+        for item in self._items:
+            if len(out) >= n:
+                break
+            if type(item) is _Pending:
+                out.append(item)
+                continue
+            k = min(item.count, n - len(out))
+            rows = self._journal.outcomes_from(item.first, k)
+            if len(rows) != k or rows[-1].seq > item.last:  # the journal lost rows under the owner: a bug
+                raise RuntimeError(f"the journal holds {len(rows)} of the {k} outcomes from seq {item.first} on")
+            out.extend(_Pending(o.seq, o.event, o.label, None, False, o.scored) for o in rows)
+        return out
+
+    def drop(self, p: _Pending) -> None:
+        """Remove the first outcome, `p` (from head())."""
+        item = self._items[0]
+        if type(item) is _Pending or item.count == 1:
+            self._items.popleft()
+        else:
+            item.first, item.count = p.seq + 1, item.count - 1
+        self._len -= 1
+
+    def held(self) -> list[_Pending]:
+        """The outcomes held in memory: the ones with a caller waiting."""
+        return [p for p in self._items if type(p) is _Pending]
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._len = 0
 
 
 @dataclass(frozen=True)
@@ -162,8 +249,8 @@ class ModelOwner:
         self.trainer_restarts = 0
         self._snapshot_at = 0.0  # time.monotonic() of the last snapshot asked of the trainer
         self._learn_seconds = 0.002  # moving average of the time to learn one outcome (sizes the chunks)
-        self._waiters = 0  # RecordOutcome callers waiting for an outcome in _pending to be learned
-        # Duplicates of outcomes still in _pending: (seq of the original, future, from_predict),
+        self._waiters = 0  # RecordOutcome callers waiting for an outcome in the backlog to be learned
+        # Duplicates of outcomes still in the backlog: (seq of the original, future, from_predict),
         # answered once the original is learned (read-your-writes, as for the original).
         self._dup_waits: list[tuple[int, Future, bool]] = []
         self._bulk_at = 0.0  # time.monotonic() of the last bulk chunk committed
@@ -179,7 +266,7 @@ class ModelOwner:
         self._applied_seq = 0  # last journal seq the model has learned
         self._journal_seq = 0  # last journal seq committed
         self._schema_ahead = None  # the schema as of the journal's head (validation); set by recovery
-        self._pending: deque[_Pending] = deque()  # journaled, not yet learned, in seq order
+        self._backlog = Backlog(journal)  # journaled, not yet learned, in seq order
         self._since_checkpoint = 0
         self._last_checkpoint = ""
         self._accepting = False
@@ -288,13 +375,13 @@ class ModelOwner:
             if not fut.done():
                 fut.set_exception(e)
         self._replies = []
-        for p in self._pending:
+        for p in self._backlog.held():
             if p.future is not None and not p.future.done():
                 p.future.set_exception(e)
         for _, fut, _ in self._dup_waits:
             if not fut.done():
                 fut.set_exception(e)
-        self._pending.clear()
+        self._backlog.clear()
         self._dup_waits.clear()
         self._waiters = 0
         while True:
@@ -309,8 +396,8 @@ class ModelOwner:
         while True:
             # Wait for work when there is nothing to learn, or (briefly) while a bulk stream arrives.
             streaming = self._streaming()
-            batch = self._take(block=not self._pending or (streaming and not self._waiters),
-                               timeout=BULK_QUIET_SECONDS if self._pending else None)
+            batch = self._take(block=not self._backlog or (streaming and not self._waiters),
+                               timeout=BULK_QUIET_SECONDS if self._backlog else None)
             stop = None
             i = 0
             while i < len(batch):
@@ -337,7 +424,7 @@ class ModelOwner:
             streaming = self._streaming()
             if stop is None and (self._waiters or not streaming):
                 # answers ready (a save's refusal, say) go out after the slice: a short one then
-                self._learn_pending(LEARN_SLICE_SECONDS if streaming or not self._queue.empty() or self._replies
+                self._learn_backlog(LEARN_SLICE_SECONDS if streaming or not self._queue.empty() or self._replies
                                     else CATCH_UP_SLICE_SECONDS, interruptible=True)
             # also while catching up with a backlog: a crash then re-learns about checkpoint_every
             # outcomes (plus the last slice), not everything since the catch-up began
@@ -379,16 +466,16 @@ class ModelOwner:
     def _drain_after_stop(self) -> None:
         """Learn the journal's backlog for up to STOP_LEARN_SECONDS, then answer what is left: the
         server has stopped, so no caller is waiting any more."""
-        self._learn_pending(STOP_LEARN_SECONDS)
-        if self._pending:
+        self._learn_backlog(STOP_LEARN_SECONDS)
+        if self._backlog:
             log.warning("stopping with %d journaled outcomes not learned yet; the next start learns them "
-                        "from the journal", len(self._pending))
+                        "from the journal", len(self._backlog))
             left = ShuttingDownError("the service is shutting down; the outcome is journaled and the next start learns it")
-            for p in self._pending:
+            for p in self._backlog.held():
                 self._reply(p.future, error=left)
             for _, fut, _ in self._dup_waits:
                 self._reply(fut, error=left)
-            self._pending.clear()
+            self._backlog.clear()
             self._dup_waits.clear()
             self._waiters = 0
         while True:
@@ -406,20 +493,20 @@ class ModelOwner:
         info, replayed = self._rebuild(None, score=True, seconds=STARTUP_LEARN_SECONDS)
         self._since_checkpoint += replayed
         self._journal_seq = max(self._applied_seq, self._journal.last_seq())
-        # What the time did not allow is learned while serving: queued like a bulk replay's rows
-        # (the journal has their events), with what live scoring took from their Predicts.
-        for seq, label, scored in self._journal.backlog_after(self._applied_seq):
-            self._pending.append(_Pending(seq, None, label, None, False, scored))
-        if not self._pending:
+        # What the time did not allow is learned while serving: a span of the journal, like a bulk
+        # replay's rows (read back with what live scoring took from their Predicts).
+        self._backlog.add_journaled(self._applied_seq + 1, self._journal_seq,
+                                    self._journal.count_outcomes(after=self._applied_seq))
+        if not self._backlog:
             self._applied_seq = self._journal_seq
         self._last_outcome_time = self._journal.last_recorded_at()  # so "no outcomes for N hours" survives restarts
         self._schema_ahead = self._schema_after_backlog()
         log.info("recovered: checkpoint %s (journal seq %d), replayed %d outcomes, now at seq %d",
                  info.name if info else "none", info.applied_seq if info else 0, replayed, self._applied_seq)
-        if self._pending:
+        if self._backlog:
             log.warning("%d journaled outcomes (seq %d to %d) are left to learn after %.0f s of recovery: the "
                         "service serves meanwhile and learns them as it would a bulk replay (Stats: training_lag)",
-                        len(self._pending), self._pending[0].seq, self._pending[-1].seq, STARTUP_LEARN_SECONDS)
+                        len(self._backlog), self._backlog.first_seq, self._backlog.last_seq, STARTUP_LEARN_SECONDS)
         self._publish()
 
     def _schema_after_backlog(self) -> Schema:
@@ -427,7 +514,7 @@ class ModelOwner:
         fix (expert names are fixed by the first outcome whose experts are all named, which may be
         in the backlog). New outcomes are validated against it."""
         schema = self._trainer.schema
-        if self._pending and (schema.expert_names is None or schema.feature_names is None):
+        if self._backlog and (schema.expert_names is None or schema.feature_names is None):
             for jo in self._journal.outcomes_after(self._applied_seq):
                 try:
                     _, _, names, features = schema.check(jo.event, "experts")
@@ -503,7 +590,7 @@ class ModelOwner:
     def _publish(self) -> None:
         t = self._trainer
         self.published = Published(t.snapshot().prepare(), t.serving_stats, t.stats(), self._applied_seq,
-                                   self._journal_seq, len(self._pending), self._last_checkpoint,
+                                   self._journal_seq, len(self._backlog), self._last_checkpoint,
                                    self._scorer.snapshot(), self._last_outcome_time)
         self._on_publish(self.published)
 
@@ -596,14 +683,14 @@ class ModelOwner:
         for (w, event, event_id, label, from_predict, scored), seq in zip(live, seqs):
             if seq is None:
                 self._on_outcome(True)
-                original = self._journal.seq_of(event_id) if self._pending and w.future is not None else None
+                original = self._journal.seq_of(event_id) if self._backlog and w.future is not None else None
                 if original is not None and original > self._applied_seq:  # not learned yet: wait for it
                     self._dup_waits.append((original, w.future, from_predict))
                     self._waiters += 1
                 else:
                     self._reply(w.future, _Duplicate(from_predict))
             else:
-                self._pending.append(_Pending(seq, event, label, w.future, from_predict, scored))
+                self._backlog.add(_Pending(seq, event, label, w.future, from_predict, scored))
                 self._waiters += w.future is not None
 
     def _commit_bulk(self, w: _Work) -> None:
@@ -643,27 +730,29 @@ class ModelOwner:
         if isinstance(seqs, Exception):
             w.future.set_exception(seqs)
             return
-        pending = self._pending
+        journaled = []
         for (index, event, event_id, label, scored), seq in zip(rows, seqs):
             if seq is None:
                 self._on_outcome(True)
                 results.append(("duplicate", (index, event_id)))
             else:
-                pending.append(_Pending(seq, None, label, None, False, scored))  # the journal has the event
+                journaled.append(seq)
                 results.append(("accepted", (index, seq)))
+        if journaled:  # the journal holds them: learned from it, with nothing of theirs in memory
+            self._backlog.add_journaled(journaled[0], journaled[-1], len(journaled))
         self._bulk_at = time.monotonic()
         w.future.set_result(BulkAck(results, self._journal_seq))
 
-    def _learn_pending(self, slice_seconds: float | None, *, interruptible: bool = False) -> None:
+    def _learn_backlog(self, slice_seconds: float | None, *, interruptible: bool = False) -> None:
         """Learn journaled outcomes in seq order: all of them, or for about `slice_seconds`, or (if
         `interruptible`: a catch-up slice, not a save's, a stop's or a start's learning) until work
         is submitted (Trainer.interrupt)."""
         started = time.monotonic()
-        while self._pending:
+        while self._backlog:
             left = None if slice_seconds is None else max(0.0, slice_seconds - (time.monotonic() - started))
             # About as many outcomes as the slice has time for: the rest would cross the pipe for nothing.
             chunk = CATCH_UP_CHUNK if left is None else max(1, min(CATCH_UP_CHUNK, int(left / self._learn_seconds) + 1))
-            batch = [self._pending[i] for i in range(min(chunk, len(self._pending)))]
+            batch = self._backlog.head(chunk)
             # A caller waiting for its outcome needs the snapshot that includes it (read-your-writes);
             # a bulk backlog only needs one now and then.
             last = batch[-1].seq
@@ -671,7 +760,7 @@ class ModelOwner:
                      or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_SECONDS)
             try:
                 t0 = time.monotonic()
-                results = self._trainer.learn(self._learn_items(batch), left, snapshot=fresh,
+                results = self._trainer.learn([(p.event, p.label) for p in batch], left, snapshot=fresh,
                                               interruptible=interruptible)
                 self._learn_seconds = 0.8 * self._learn_seconds + 0.2 * (time.monotonic() - t0) / max(1, len(results))
                 if fresh:
@@ -680,7 +769,7 @@ class ModelOwner:
                 self._restart_trainer(e)  # the batch stays pending: learned by the new trainer
                 continue
             for p, (err, samples, version) in zip(batch, results):
-                self._pending.popleft()
+                self._backlog.drop(p)
                 self._waiters -= p.future is not None
                 if err is not None:  # validated at commit: a bug. The journal keeps the outcome.
                     log.error("learning journaled outcome seq=%d failed: %s: %s", p.seq, type(err).__name__, err)
@@ -697,7 +786,7 @@ class ModelOwner:
             if slice_seconds is not None and (time.monotonic() - started > slice_seconds
                                               or interruptible and self._trainer.interrupted):
                 break
-        if not self._pending and self._trainer.stale:  # caught up: publish the model as it now stands
+        if not self._backlog and self._trainer.stale:  # caught up: publish the model as it now stands
             try:
                 self._trainer.refresh()
             except TrainerDiedError as e:
@@ -718,13 +807,6 @@ class ModelOwner:
             else:
                 waiting.append((seq, fut, from_predict))
         self._dup_waits = waiting
-
-    def _learn_items(self, batch: list[_Pending]) -> list[tuple[Event, int]]:
-        """(event, label) per pending outcome; a bulk row's event comes back from the journal (a
-        replay's backlog would otherwise hold every event in memory)."""
-        stored = (self._journal.events_between(batch[0].seq, batch[-1].seq)
-                  if any(p.event is None for p in batch) else {})
-        return [(p.event if p.event is not None else stored[p.seq], p.label) for p in batch]
 
     def _score(self, scored: Scored | None, label: int) -> None:
         """Live shadow scoring of a predicted event (see server/live.py)."""
@@ -769,10 +851,10 @@ class ModelOwner:
             # a checkpoint holds every outcome acknowledged before it: the backlog is learned first
             # (keeping a fifth of the time left, at least 0.25 s, for the refusal to reach the caller)
             left = None if w.deadline is None else w.deadline - time.monotonic()
-            self._learn_pending(CHECKPOINT_LEARN_SECONDS if left is None else max(0.0, left - max(0.2 * left, 0.25)))
-            if self._pending:
+            self._learn_backlog(CHECKPOINT_LEARN_SECONDS if left is None else max(0.0, left - max(0.2 * left, 0.25)))
+            if self._backlog:
                 raise NotReadyError(
-                    f"training is {len(self._pending)} outcomes behind the journal (a bulk replay being learned; "
+                    f"training is {len(self._backlog)} outcomes behind the journal (a bulk replay being learned; "
                     "Stats: service.training_lag), and a checkpoint holds every acknowledged outcome: save "
                     "once the lag is 0 (what was learned meanwhile stays learned)")
             info = self._store.save(self._trainer, name or f"step-{self._trainer.version}", self._applied_seq,
@@ -786,8 +868,8 @@ class ModelOwner:
             # Outcomes journaled after that checkpoint (learned or not) are undone by the
             # restore: an automatic checkpoint of the restored model at the journal's head
             # makes a later recovery agree.
-            undone = list(self._pending)
-            self._pending.clear()
+            undone = self._backlog.held()
+            self._backlog.clear()
             self._answer_duplicates(everything=True)
             self._waiters = 0
             for p in undone:

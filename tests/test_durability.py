@@ -119,9 +119,14 @@ def test_the_journal_survives_reopening_and_keeps_its_sequence(tmp_path, stream)
     j.close()
 
 
+def _taken(outcomes) -> list:
+    return [(o.seq, o.label, o.scored) for o in outcomes]
+
+
 def test_the_backlog_comes_with_what_live_scoring_took_when_each_outcome_was_recorded(tmp_path, stream):
-    """backlog_after and outcomes_after give each outcome the live scoring journaled with it: the
-    same after its Predict was predicted again, went past the horizon and was pruned."""
+    """outcomes_from (a backlog's span read back) and outcomes_after give each outcome the live
+    scoring journaled with it: the same after its Predict was predicted again, went past the horizon
+    and was pruned."""
     from titan_fusion.server.journal import Scored
 
     j = Journal(tmp_path / "j.sqlite3", horizon_seconds=1.0)
@@ -130,14 +135,15 @@ def test_the_backlog_comes_with_what_live_scoring_took_when_each_outcome_was_rec
     assert j.append_outcomes([("x", a, 1), ("p", b, 0), (None, a, 1)], [None, took, None]) == [1, 2, 3]
     assert j.append_outcomes([("y", a, 0)]) == [4]  # no scoring given: none
     want = [(2, 0, took), (3, 1, None), (4, 0, None)]
-    assert list(j.backlog_after(1)) == want
+    assert _taken(j.outcomes_from(2, 3)) == want
+    assert _taken(j.outcomes_from(2, 2)) == want[:2] and _taken(j.outcomes_from(5, 3)) == []
     j.remember_predictions([("p", b, 0.9, 0.9, 0.9), ("x", a, 0.6, 0.7, 0.5)])  # predicted again, or late
-    assert list(j.backlog_after(1)) == want
-    assert [(o.seq, o.label, o.scored) for o in j.outcomes_after(0)] == [(1, 1, None)] + want
+    assert _taken(j.outcomes_from(2, 3)) == want
+    assert _taken(j.outcomes_after(0)) == [(1, 1, None)] + want
     time.sleep(1.1)
     assert j.prune_predictions() == 2
-    assert list(j.backlog_after(1)) == want
-    assert [(o.seq, o.label, o.scored) for o in j.outcomes_after(1)] == want
+    assert _taken(j.outcomes_from(2, 3)) == want
+    assert _taken(j.outcomes_after(1)) == want
     j.close()
 
 
@@ -170,11 +176,11 @@ def test_a_journal_from_before_the_live_column_is_migrated_and_its_rows_look_the
     assert "live" in {row[1] for row in j._db.execute("PRAGMA table_info(outcomes)")}
     assert j.append_outcomes([("new", a, 1)], [Scored(0.1, 0.2, 0.3)]) == [5]
     want = [(1, 0, Scored(0.4, 0.42, 0.45)), (2, 1, None), (3, 1, None), (4, 0, None), (5, 1, Scored(0.1, 0.2, 0.3))]
-    assert list(j.backlog_after(0)) == want
-    assert [(o.seq, o.label, o.scored) for o in j.outcomes_after(0)] == want
+    assert _taken(j.outcomes_from(1, 5)) == want
+    assert _taken(j.outcomes_after(0)) == want
     j.close()
     j = Journal(path, horizon_seconds=30.0)  # reopening a migrated journal changes nothing
-    assert list(j.backlog_after(0)) == want
+    assert _taken(j.outcomes_from(1, 5)) == want
     j.close()
 
 
@@ -205,3 +211,43 @@ def test_a_predict_after_an_acknowledged_outcome_sees_it(tmp_path, stream):
     finally:
         client.close()
         svc.stop(grace=1)
+
+
+def test_the_backlog_holds_rows_nobody_waits_for_as_spans_of_the_journal(tmp_path, stream):
+    """The owner's Backlog: outcomes a caller waits for are held with their future; bulk rows as
+    spans of the journal, read back (event, label, live scoring's take) in seq order when learned.
+    However many bulk chunks arrive, consecutive ones make one span."""
+    from concurrent.futures import Future
+
+    from titan_fusion.server.journal import Scored
+    from titan_fusion.server.owner import Backlog, _Pending
+
+    j = Journal(tmp_path / "j.sqlite3")
+    evs = [Event.parse(e, f) for e, f, _ in stream(50, 8)]
+    took = Scored(0.4, 0.42, 0.45)
+    assert j.append_outcomes([(f"a{k}", evs[k], k % 2) for k in range(3)], [None, took, None]) == [1, 2, 3]
+    b = Backlog(j)
+    assert not b and b.head(5) == []
+    b.add_journaled(2, 3, 2)  # a restart's backlog after seq 1
+    waiting = _Pending(4, evs[3], 1, Future(), False, None)
+    assert j.append_outcomes([("w", evs[3], 1)]) == [4]
+    b.add(waiting)
+    for k in range(4, 8):  # bulk chunks, one row each
+        assert j.append_outcomes([(f"a{k}", evs[k], k % 2)]) == [k + 1]
+        b.add_journaled(k + 1, k + 1, 1)
+    assert len(b) == 7 and len(b._items) == 3 and (b.first_seq, b.last_seq) == (2, 8)
+    assert b.held() == [waiting]
+    head = b.head(10)
+    assert [(p.seq, p.event, p.label, p.scored, p.future) for p in head] == (
+        [(2, evs[1], 1, took, None), (3, evs[2], 0, None, None), (4, evs[3], 1, None, waiting.future)]
+        + [(k + 1, evs[k], k % 2, None, None) for k in range(4, 8)])
+    assert [p.seq for p in b.head(3)] == [2, 3, 4]
+    for p in head[:2]:
+        b.drop(p)
+    assert len(b) == 5 and b.first_seq == 4 and [p.seq for p in b.head(2)] == [4, 5]
+    b.drop(head[2])
+    b.drop(head[3])
+    assert b.first_seq == 6 and [p.seq for p in b.head(10)] == [6, 7, 8] and b.held() == []
+    b.clear()
+    assert len(b) == 0 and b.head(1) == []
+    j.close()
