@@ -34,7 +34,7 @@ a series reads 0 rather than being absent before its first event.
 | `fusion_live_window_outcomes` | gauge | | outcomes in the live-scoring window |
 | `fusion_underperforming` | gauge | | 1 while the service serves the average because the fusion underperforms it, else 0 |
 | `fusion_underperforming_switches_total` | counter | | switches between the fusion and the average by live scoring |
-| `fusion_last_outcome_timestamp_seconds` | gauge | | unix time of the last outcome learned (0: none since start) |
+| `fusion_last_outcome_timestamp_seconds` | gauge | | unix time the newest outcome was recorded (journaled; learning a backlog later does not move it); 0: none journaled |
 | `fusion_training_lag` | gauge | | outcomes journaled and not learned yet (a bulk replay's backlog while training catches up) |
 | `fusion_trainer_restarts_total` | counter | | trainer processes that died and were replaced (the model rebuilt from checkpoint and journal) |
 

@@ -218,7 +218,7 @@ class Published:
     training_lag: int  # outcomes journaled but not learned yet
     last_checkpoint: str
     live: dict[str, Any]  # LiveScorer.snapshot()
-    last_outcome_time: float  # unix time of the last outcome learned; 0 if none since start
+    last_outcome_time: float  # unix time the newest outcome was journaled; 0 when the journal has none
 
 
 @dataclass
@@ -656,7 +656,10 @@ class ModelOwner:
             log.exception("journal commit failed")
             return e
         out = [next(seqs) if ev is not None else None for ev, _, _, _ in rows]
-        self._journal_seq = max([self._journal_seq] + [s for s in out if s is not None])
+        journaled = [s for s in out if s is not None]
+        if journaled:
+            self._journal_seq = max(self._journal_seq, journaled[-1])
+            self._last_outcome_time = time.time()  # recorded, not learned: a catch-up is no outcome
         return out
 
     def _commit_outcomes(self, items: list[_Work]) -> None:
@@ -779,7 +782,6 @@ class ModelOwner:
                     self._on_outcome(False)
                     self._reply(p.future, OutcomeAck(False, samples, version, p.from_predict, p.seq))
                 self._applied_seq = p.seq
-                self._last_outcome_time = time.time()
                 self._since_checkpoint += 1
             if self._dup_waits:
                 self._answer_duplicates()

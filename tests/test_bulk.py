@@ -308,3 +308,19 @@ def test_record_outcomes_against_a_server_without_the_batched_stream_says_so(tmp
             assert err.value.code is grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop(None)
+
+
+def test_catching_up_with_a_backlog_is_not_an_outcome_for_the_no_outcomes_gauge(service, stream):
+    """fusion_last_outcome_timestamp_seconds is when the newest outcome was journaled: learning a
+    backlog afterwards (for hours, after a long replay or a restart) does not move it, so the
+    FusionNoOutcomes alert still sees a trader that stopped reporting."""
+    svc, client, _ = service
+    events = list(stream(67, 1300))
+    started = time.time()
+    client.record_outcomes([{"experts": e, "features": f, "actual_direction": d, "event_id": f"g{i}"}
+                            for i, (e, f, d) in enumerate(events)])
+    acknowledged = time.time()
+    assert client.stats()["service"]["training_lag"] > 0  # training trails the acknowledgement
+    _wait_trained(client, 1300)
+    gauge = svc.metrics.registry.get_sample_value("fusion_last_outcome_timestamp_seconds")
+    assert started <= gauge <= acknowledged
