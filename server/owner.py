@@ -578,11 +578,13 @@ class ModelOwner:
                                    f"{self._applied_seq} without learning anything: {why}")
         log.error("%s; starting a new trainer and rebuilding the model from the newest checkpoint and the journal", why)
         self._trainer.close()
+        served = self._trainer.serving_stats.state()  # what was served: the checkpoint has an older one
         self._trainer = self._new_trainer()
         self.trainer_restarts += 1
         self._on_trainer_restart()
         applied = self._applied_seq
         info, replayed = self._rebuild(applied, score=False)
+        self._trainer.serving_stats.load(served)
         self._applied_seq = applied
         log.info("trainer restarted: checkpoint %s, replayed %d outcomes up to seq %d",
                  info.name if info else "none", replayed, applied)

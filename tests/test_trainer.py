@@ -114,19 +114,24 @@ def test_the_service_trains_in_a_child_that_ends_with_it(tmp_path: Path) -> None
 
 def test_a_killed_trainer_is_restarted_and_the_model_is_the_same(tmp_path: Path) -> None:
     """SIGKILL the trainer process mid-stream: the next outcome is still learned (by a new trainer
-    rebuilt from the newest checkpoint and the journal) and the model ends bit-identical to one
-    that learned the same outcomes without interruption."""
+    rebuilt from the newest checkpoint and the journal), the model ends bit-identical to one
+    that learned the same outcomes without interruption, and the attention statistics of what was
+    served are kept."""
     evs = events(5, 150)
     svc, port, registry = start(tmp_path / "data", checkpoint_every=40)
     running = Running(svc, port, registry, tmp_path / "data")
     try:
         c = running.client()
         learn(c, evs[:90], "k")
+        predictions(c, PROBES)  # after the checkpoint at 80: their attention is not in it
+        served = svc.owner.trainer.serving_stats.state()
+        assert len(served["attention"]) == len(PROBES)
         first = svc.owner.trainer.pid
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: not _alive(first), 10, "the trainer to die")
         acks = learn(c, evs[90:], "k", start_index=90)
         assert [a.samples_trained for a in acks] == list(range(91, 151))
+        assert svc.owner.trainer.serving_stats.state() == served  # the attention served survives the restart
         assert svc.owner.trainer_restarts == 1 and svc.owner.trainer.pid != first
         assert running.sample("fusion_trainer_restarts_total") == 1
         served = predictions(c, PROBES)
