@@ -216,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ("replay", "bulk-send a history of outcomes from a CSV or Parquet file")):
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT of the service (default {DEFAULT_TARGET})")
-        p.add_argument("--timeout", type=float, default=2.0, help="deadline of each call, seconds (default 2)")
+        if name == "replay":  # one call streams the whole file
+            p.add_argument("--timeout", type=float, default=3600.0,
+                           help="deadline of the whole stream, seconds (default 3600)")
+        else:
+            p.add_argument("--timeout", type=float, default=2.0, help="deadline of each call, seconds (default 2)")
         add_connection_arguments(p)
         if name == "health":
             p.add_argument("--service", default="", help="service name to check (default: the server as a whole)")
@@ -227,7 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-message-bytes", type=int, default=None, metavar="N",
                            help="largest message to send (default 262144): at most the server's "
                                 "service.max_message_bytes")
-            p.set_defaults(timeout=3600.0)
         if name == "demo":
             p.add_argument("--events", type=int, default=3000, help="events to stream (default 3000)")
             p.add_argument("--seed", type=int, default=0, help="seed of the synthetic stream (default 0)")
