@@ -20,8 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import CheckpointNotFoundError, IncompatibleCheckpointError
 
 MODEL_FILE = "fusion_model.pt"
@@ -49,6 +47,8 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], state: di
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
+    import torch  # here: the service process reads checkpoints' names and JSON without torch
+
     torch.save(tensors, buf)
     model_bytes = buf.getvalue()
     state = dict(state, format_version=FORMAT_VERSION,
@@ -95,6 +95,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if expected != actual:
         raise IncompatibleCheckpointError(f"{MODEL_FILE} is corrupt or truncated: checksum mismatch")
     try:
+        import torch
+
         tensors = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=True)
     except Exception as e:  # an UnpicklingError for a payload that is not plain tensors and types
         raise IncompatibleCheckpointError(f"{MODEL_FILE} refused by the safe loader: {type(e).__name__}: {e}") from None

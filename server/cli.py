@@ -43,8 +43,6 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ConfigError as e:
         parser.error(str(e))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
-    torch.set_num_threads(1)  # bit-reproducible training; no contention with the gRPC threads
     from .service import create_server
     try:
         service, port = create_server(config)

@@ -15,14 +15,17 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from .errors import FusionInputError
 from .events import Expert, parse_experts, parse_features, plain_average
-from .model import PROB_EPS, FusionNet, prob_logit
+
+if TYPE_CHECKING:  # the service process predicts without torch: only the trainer imports it
+    import torch
+
+    from .model import FusionNet
 
 SOURCE_FUSION = "fusion"
 SOURCE_AVERAGE = "average"
@@ -31,9 +34,16 @@ REASON_WARMING_UP = "warming_up"
 REASON_WRONG_EXPERT_COUNT = "wrong_expert_count"
 REASON_UNDERPERFORMING = "underperforming"  # decided by the service's live scoring
 
+PROB_EPS = 1e-4  # probabilities are clipped to [eps, 1 - eps] before the logit: |logit| <= 9.2
 LN_EPS = 1e-5  # nn.LayerNorm's default
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 h (1 + tanh(C (h + 0.044715 h^3)))
 GELU_K = GELU_C * 0.044715
+
+
+def prob_logit(p: float) -> float:
+    """logit(p) with p clipped to [PROB_EPS, 1 - PROB_EPS]: an expert's first token input."""
+    p = min(max(p, PROB_EPS), 1.0 - PROB_EPS)
+    return math.log(p) - math.log1p(-p)
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:

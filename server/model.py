@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 # An expert's token inputs: logit(prob_up), confidence (0 when missing), has_confidence (1 or 0).
 EXPERT_INPUTS = 3
-PROB_EPS = 1e-4  # probabilities are clipped to [eps, 1 - eps] before the logit: |logit| <= 9.2
 _HALF_SIGNS = torch.tensor([0.5, -0.5])
 
 
@@ -55,12 +54,6 @@ class NetConfig:
             raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}")
         if self.n_experts < 1 or self.n_features < 0:
             raise ValueError(f"n_experts={self.n_experts} must be >= 1 and n_features={self.n_features} >= 0")
-
-
-def prob_logit(p: float) -> float:
-    """logit(p) with p clipped to [PROB_EPS, 1 - PROB_EPS]: an expert's first token input."""
-    p = min(max(p, PROB_EPS), 1.0 - PROB_EPS)
-    return math.log(p) - math.log1p(-p)
 
 
 @dataclass(frozen=True)

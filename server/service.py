@@ -43,7 +43,6 @@ from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, 
                      ShuttingDownError, TrainerDiedError, UnknownEventError)
 from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURES, MAX_NAME_LENGTH, PROB_SUM_TOLERANCE, Expert,
                      parse_event_id, parse_expert_fields, parse_features)
-from .fusion import TransformerFusion
 from .inference import Event, Prediction
 from .journal import Journal
 from .live import LiveScorer
@@ -571,8 +570,12 @@ def cpu_split(config: ServiceConfig) -> cpus.Split | None:
 def new_trainer(config: ServiceConfig, split: cpus.Split | None = None) -> LocalTrainer | TrainerProcess:
     """The model, in a child process (trainer = "process", on split.trainer's CPUs if given) or in
     the owner's thread ("thread")."""
-    if config.trainer == "process":
+    if config.trainer == "process":  # torch is imported there, not in this process
         return TrainerProcess(config.fusion, config.n_models, cpus=None if split is None else split.trainer)
+    import torch
+
+    from .fusion import TransformerFusion
+    torch.set_num_threads(1)  # bit-reproducible training; no contention with the gRPC threads
     return LocalTrainer(TransformerFusion(config.fusion, n_models=config.n_models))
 
 

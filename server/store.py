@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import MODEL_FILE, STATE_FILE
 from .errors import CheckpointError, CheckpointNotFoundError, FusionInputError
-from .fusion import TransformerFusion
+
+if TYPE_CHECKING:  # or a trainer (server/trainer.py), which has the same save and load
+    from .fusion import TransformerFusion
 
 log = logging.getLogger("titan_fusion.server.store")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")

@@ -140,7 +140,7 @@ def test_buffers_are_fifo_with_a_maximum_size(stream):
     # the newest training row is the last outcome that went to training
     last_train = f._train.gather()["x"][-1, 0, 0].item()
     from titan_fusion.server.fusion import split_uniform
-    from titan_fusion.server.model import prob_logit
+    from titan_fusion.server.inference import prob_logit
     newest = max(i for i in range(80) if not split_uniform(0, i) < 0.2)
     assert last_train == pytest.approx(prob_logit(events[newest][0][0]["prob_up"]), rel=1e-6)
 
@@ -566,7 +566,7 @@ def test_untrained_skill_bias_and_logit_pool_give_the_skill_weighted_log_linear_
     p = f.predict(experts, feats)
     w = torch.softmax(f._skill, 0).tolist()
     assert list(p.attention.values()) == pytest.approx(w, abs=1e-6)
-    from titan_fusion.server.model import prob_logit
+    from titan_fusion.server.inference import prob_logit
     z = sum(wi * prob_logit(e["prob_up"]) for wi, e in zip(w, experts))
     assert p.prob_up == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-6)
 

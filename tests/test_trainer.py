@@ -181,6 +181,44 @@ def test_a_script_without_a_main_guard_can_start_a_trainer(tmp_path: Path) -> No
     assert out.stdout.splitlines() == ["top level ran", "(1, 1)"]
 
 
+def test_the_service_process_never_imports_torch(tmp_path: Path) -> None:
+    """With the trainer in its child process (the default), the service process predicts with
+    numpy and leaves torch to the child: Predict, RecordOutcome, a bulk replay, Stats and
+    checkpoints save, list and restore, all without importing it (torch costs the service 1.2 s
+    to start and about 110 MiB)."""
+    import subprocess
+    import sys
+    script = tmp_path / "service.py"
+    script.write_text(f"""
+import sys
+from prometheus_client import CollectorRegistry
+from titan_fusion.client import FusionClient
+from titan_fusion.server.config import FusionConfig
+from titan_fusion.server.service import create_server
+from titan_fusion.server.settings import ServiceConfig
+from titan_fusion.server.synthetic import informative_stream
+svc, port = create_server(ServiceConfig(port=0, metrics_port=-1, data_dir={str(tmp_path / "data")!r},
+                                        fusion=FusionConfig(min_samples=20)), registry=CollectorRegistry())
+assert svc.wait_ready(60)
+c = FusionClient(f"127.0.0.1:{{port}}", timeout=30, fallback=False)
+events = list(informative_stream(7, 90))
+for i, (e, f, d) in enumerate(events[:60]):
+    c.predict(e, f, event_id=f"e{{i}}")
+    c.record_outcome(actual_direction=d, event_id=f"e{{i}}")
+c.record_outcomes([dict(experts=e, features=f, actual_direction=d, event_id=f"b{{i}}") for i, (e, f, d) in enumerate(events[60:])])
+saved = c.checkpoint_save("kept")
+assert saved.samples_trained == 90 and [i.name for i in c.checkpoint_list()].count("kept") == 1
+c.record_outcome(events[0][0], events[0][1], actual_direction=events[0][2], event_id="after")
+c.checkpoint_restore("kept")
+print(c.predict(*events[0][:2]).source, c.stats()["samples_trained"], "torch" in sys.modules, flush=True)
+c.close()
+svc.stop(grace=1)
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["fusion", "90", "False"]
+
+
 class _DiesAfter25(LocalTrainer):
     """A trainer that dies on every outcome after the 25th (as if that outcome crashed it)."""
 
