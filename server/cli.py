@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT of the service (default {DEFAULT_TARGET})")
         if name == "replay":  # one call streams the whole file
             p.add_argument("--timeout", type=float, default=3600.0,
-                           help="deadline of the whole stream, seconds (default 3600)")
+                           help="deadline of the whole stream (and of each Stats call of --wait), "
+                                "seconds (default 3600)")
         else:
             p.add_argument("--timeout", type=float, default=2.0, help="deadline of each call, seconds (default 2)")
         add_connection_arguments(p)

@@ -166,7 +166,7 @@ class Metrics:
                                                 registry=r)
         self._switches_seen = 0
         self.last_outcome_timestamp = gauge("fusion_last_outcome_timestamp_seconds",
-                                            "Unix time of the last outcome learned (0: none since start).")
+                                            "Unix time the newest outcome was recorded (journaled); 0: none journaled.")
         self.training_lag = gauge("fusion_training_lag", "Outcomes journaled and not learned yet.")
         self.trainer_restarts = Counter("fusion_trainer_restarts_total",
                                         "Trainer processes that died and were replaced.", registry=r)

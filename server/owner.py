@@ -163,11 +163,6 @@ class Backlog:
             self._len += count
 
     @property
-    def first_seq(self) -> int:
-        head = self._items[0]
-        return head.seq if type(head) is _Pending else head.first
-
-    @property
     def last_seq(self) -> int:
         tail = self._items[-1]
         return tail.seq if type(tail) is _Pending else tail.last
@@ -184,7 +179,8 @@ class Backlog:
             k = min(item.count, n - len(out))
             rows = self._journal.outcomes_from(item.first, k)
             if len(rows) != k or rows[-1].seq > item.last:  # the journal lost rows under the owner: a bug
-                raise RuntimeError(f"the journal holds {len(rows)} of the {k} outcomes from seq {item.first} on")
+                raise RuntimeError(f"the backlog's next {k} outcomes from seq {item.first} to {item.last} are "
+                                   f"not in the journal (it has {len(rows)}, up to seq {rows[-1].seq if rows else None})")
             out.extend(_Pending(o.seq, o.event, o.label, None, False, o.scored) for o in rows)
         return out
 
@@ -504,9 +500,9 @@ class ModelOwner:
         log.info("recovered: checkpoint %s (journal seq %d), replayed %d outcomes, now at seq %d",
                  info.name if info else "none", info.applied_seq if info else 0, replayed, self._applied_seq)
         if self._backlog:
-            log.warning("%d journaled outcomes (seq %d to %d) are left to learn after %.0f s of recovery: the "
+            log.warning("%d journaled outcomes (after seq %d, up to %d) are left to learn after %.0f s of recovery: the "
                         "service serves meanwhile and learns them as it would a bulk replay (Stats: training_lag)",
-                        len(self._backlog), self._backlog.first_seq, self._backlog.last_seq, STARTUP_LEARN_SECONDS)
+                        len(self._backlog), self._applied_seq, self._backlog.last_seq, STARTUP_LEARN_SECONDS)
         self._publish()
 
     def _schema_after_backlog(self) -> Schema:
@@ -578,14 +574,17 @@ class ModelOwner:
                                    f"{self._applied_seq} without learning anything: {why}")
         log.error("%s; starting a new trainer and rebuilding the model from the newest checkpoint and the journal", why)
         self._trainer.close()
-        served = self._trainer.serving_stats.state()  # what was served: the checkpoint has an older one
+        served = self._trainer.serving_stats  # Predicts record into it until the next publication
         self._trainer = self._new_trainer()
         self.trainer_restarts += 1
         self._on_trainer_restart()
         applied = self._applied_seq
         info, replayed = self._rebuild(applied, score=False)
-        self._trainer.serving_stats.load(served)
         self._applied_seq = applied
+        # what was served, before the restart and during the rebuild (the checkpoint has older
+        # statistics); published at once, so that Predicts record into the new trainer's from now on
+        self._trainer.serving_stats.load(served.state())
+        self._publish()
         log.info("trainer restarted: checkpoint %s, replayed %d outcomes up to seq %d",
                  info.name if info else "none", replayed, applied)
 

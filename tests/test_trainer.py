@@ -112,14 +112,25 @@ def test_the_service_trains_in_a_child_that_ends_with_it(tmp_path: Path) -> None
     wait_until(lambda: not _alive(trainer.pid), 10, "the trainer process to exit with the service")
 
 
-def test_a_killed_trainer_is_restarted_and_the_model_is_the_same(tmp_path: Path) -> None:
+def test_a_killed_trainer_is_restarted_and_the_model_is_the_same(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL the trainer process mid-stream: the next outcome is still learned (by a new trainer
     rebuilt from the newest checkpoint and the journal), the model ends bit-identical to one
     that learned the same outcomes without interruption, and the attention statistics of what was
-    served are kept."""
+    served are kept, a Predict served while the new trainer is rebuilt included."""
+    from titan_fusion.server.owner import ModelOwner
+
     evs = events(5, 150)
     svc, port, registry = start(tmp_path / "data", checkpoint_every=40)
     running = Running(svc, port, registry, tmp_path / "data")
+    during = []
+    rebuild = ModelOwner._rebuild
+
+    def rebuild_beside_a_predict(self, upto, *, score, seconds=None):
+        if not score:  # a trainer restart's rebuild: a Predict is served meanwhile
+            during.extend(predictions(running.client(), PROBES[:1]))
+        return rebuild(self, upto, score=score, seconds=seconds)
+    monkeypatch.setattr(ModelOwner, "_rebuild", rebuild_beside_a_predict)
     try:
         c = running.client()
         learn(c, evs[:90], "k")
@@ -131,7 +142,8 @@ def test_a_killed_trainer_is_restarted_and_the_model_is_the_same(tmp_path: Path)
         wait_until(lambda: not _alive(first), 10, "the trainer to die")
         acks = learn(c, evs[90:], "k", start_index=90)
         assert [a.samples_trained for a in acks] == list(range(91, 151))
-        assert svc.owner.trainer.serving_stats.state() == served  # the attention served survives the restart
+        after = svc.owner.trainer.serving_stats.state()  # the attention served survives the restart
+        assert len(during) == 1 and after["attention"][:-1] == served["attention"] and len(after["attention"]) == 7
         assert svc.owner.trainer_restarts == 1 and svc.owner.trainer.pid != first
         assert running.sample("fusion_trainer_restarts_total") == 1
         served = predictions(c, PROBES)
