@@ -9,10 +9,10 @@ Tables
   together share one transaction. `live` is what live scoring took from the outcome's Predict, as
   decided when it was recorded: "served,fusion,average" (the three prob_up, exact decimal floats),
   or "" for nothing. Learning the outcome again after a restart scores it alike, whatever has become
-  of the Predict since (past the horizon, pruned, predicted again). NULL in rows journaled before
-  the column was added (a journal is migrated when opened): those look their Predict up, as they
-  did. (One text column: four, a flag and three REALs, cost `append_outcomes` 3 us a row, a tenth
-  of a bulk row's whole path.)
+  of the Predict since (past the horizon, pruned, predicted again). A journal written before the
+  column existed gets it when opened: each of its rows from its Predict as it is then (within the
+  horizon), as a restart used to look it up, once and for all. (One text column: four, a flag and
+  three REALs, cost `append_outcomes` 3 us a row, a tenth of a bulk row's whole path.)
 - `predictions(event_id, payload, predicted_at, served, fusion, average)`: the inputs of served
   Predicts that carried an event_id, so that RecordOutcome may send the event_id alone, within the
   configured horizon, and what was forecast, for live scoring (server/live.py).
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     payload     TEXT NOT NULL,
     label       INTEGER NOT NULL CHECK (label IN (0, 1)),
     recorded_at REAL NOT NULL,
-    live        TEXT  -- live scoring's take: "served,fusion,average" or ""; NULL: journaled before it
+    live        TEXT  -- live scoring's take: "served,fusion,average" or ""; NULL only until a journal from before it is opened
 );
 CREATE TABLE IF NOT EXISTS predictions (
     event_id     TEXT PRIMARY KEY,
@@ -59,6 +59,7 @@ CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
 # Columns added to `outcomes` since its first version: added to a journal written before them.
 OUTCOME_COLUMNS_ADDED = (("live", "TEXT"),)
 INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at, live) VALUES (?, ?, ?, ?, ?)"
+LIVE_FILLED = 1  # PRAGMA user_version from which every outcome has its live column
 PRUNE_EVERY = 1024  # remembered predictions between two prunings of the predictions table
 SEQ_CHECK_CHUNK = 500  # event_ids per "IN (...)" query (SQLite allows 32,766 parameters)
 
@@ -104,10 +105,15 @@ class Predicted:
     average: float | None
 
     def scored(self) -> Scored | None:
-        """What live scoring takes from it: nothing while the fusion did not forecast."""
-        if self.fusion is None or self.served is None or self.average is None:
-            return None
-        return Scored(self.served, self.fusion, self.average)
+        """What live scoring takes from it (nothing while the fusion did not forecast)."""
+        return _took(self.served, self.fusion, self.average)
+
+
+def _took(served: float | None, fusion: float | None, average: float | None) -> Scored | None:
+    """What live scoring takes from a Predict: nothing while the fusion did not forecast."""
+    if fusion is None or served is None or average is None:
+        return None
+    return Scored(served, fusion, average)
 
 
 def _predicted(row: Sequence[Any], oldest: float) -> Predicted | None:
@@ -124,20 +130,9 @@ def _live_text(s: Scored | None) -> str:
     return "" if s is None else f"{s.served!r},{s.fusion!r},{s.average!r}"
 
 
-def _scored(row: Sequence[Any], oldest: float) -> Scored | None:
-    """An outcome's live scoring, from its `live` column followed by its Predict's row (LEFT JOIN
-    predictions: payload, predicted_at, served, fusion, average). The outcome's column decides; a
-    row journaled before it (NULL) looks its Predict up."""
-    live = row[0]
-    if live is not None:
-        return Scored(*map(float, live.split(","))) if live else None
-    p = _predicted(row[1:6], oldest)
-    return None if p is None else p.scored()
-
-
-# An outcome's live column, then its Predict's row (joined only for a row without the column)
-_SCORED_COLUMNS = "o.live, p.payload, p.predicted_at, p.served, p.fusion, p.average"
-_JOIN_PREDICT = "LEFT JOIN predictions p ON p.event_id = o.event_id AND o.live IS NULL"
+def _scored(live: str) -> Scored | None:
+    """An outcome's live scoring, from its `live` column."""
+    return Scored(*map(float, live.split(","))) if live else None
 
 
 @dataclass(frozen=True)
@@ -166,6 +161,29 @@ class Journal:
         for name, kind in OUTCOME_COLUMNS_ADDED:  # a journal written by an earlier version
             if name not in have:
                 self._db.execute(f"ALTER TABLE outcomes ADD COLUMN {name} {kind}")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < LIVE_FILLED:
+            self._fill_live()
+
+    def _fill_live(self) -> None:
+        """Give the rows journaled before the live column (NULL) what live scoring takes from their
+        Predict now (nothing past the horizon or without one), in one transaction that also marks
+        the journal as done (`PRAGMA user_version`): later opens skip the scan."""
+        oldest = time.time() - self.horizon_seconds
+        rows = self._db.execute(
+            "SELECT o.seq, p.predicted_at, p.served, p.fusion, p.average FROM outcomes o "
+            "LEFT JOIN predictions p ON p.event_id = o.event_id WHERE o.live IS NULL").fetchall()
+        fill = []
+        for seq, predicted_at, served, fusion, average in rows:
+            took = None if predicted_at is None or predicted_at < oldest else _took(served, fusion, average)
+            fill.append((_live_text(took), seq))
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("UPDATE outcomes SET live = ? WHERE seq = ?", fill)
+            self._db.execute(f"PRAGMA user_version = {LIVE_FILLED}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -260,11 +278,10 @@ class Journal:
         return list(self._outcomes("o.seq >= ?", seq, limit))
 
     def _outcomes(self, where: str, seq: int, limit: int = -1) -> Iterator[JournaledOutcome]:
-        oldest = time.time() - self.horizon_seconds
-        for s, event_id, payload, label, *scored in self._db.execute(
-                f"SELECT o.seq, o.event_id, o.payload, o.label, {_SCORED_COLUMNS} FROM outcomes o {_JOIN_PREDICT} "
+        for s, event_id, payload, label, live in self._db.execute(
+                f"SELECT o.seq, o.event_id, o.payload, o.label, o.live FROM outcomes o "
                 f"WHERE {where} ORDER BY o.seq LIMIT ?", (seq, limit)):  # LIMIT -1: no limit
-            yield JournaledOutcome(s, event_id, decode_event(payload), label, _scored(scored, oldest))
+            yield JournaledOutcome(s, event_id, decode_event(payload), label, _scored(live))
 
     def last_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM outcomes").fetchone()

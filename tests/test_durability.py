@@ -149,8 +149,9 @@ def test_the_backlog_comes_with_what_live_scoring_took_when_each_outcome_was_rec
 
 def test_a_journal_from_before_the_live_column_is_migrated_and_its_rows_look_their_predicts_up(
         tmp_path, stream):
-    """Rows journaled before the live-scoring column existed look their Predict up when learned
-    again, as they did (within the horizon); rows journaled after the migration carry their own."""
+    """Rows journaled before the live-scoring column existed get it when the journal is opened, from
+    their Predict as it is then (within the horizon), as a restart looked it up before the column,
+    and keep it; rows journaled after the migration carry their own."""
     import sqlite3
 
     from titan_fusion.server.journal import Scored, encode_event
@@ -178,9 +179,15 @@ def test_a_journal_from_before_the_live_column_is_migrated_and_its_rows_look_the
     want = [(1, 0, Scored(0.4, 0.42, 0.45)), (2, 1, None), (3, 1, None), (4, 0, None), (5, 1, Scored(0.1, 0.2, 0.3))]
     assert _taken(j.outcomes_from(1, 5)) == want
     assert _taken(j.outcomes_after(0)) == want
+    assert j._db.execute("SELECT COUNT(*) FROM outcomes WHERE live IS NULL").fetchone()[0] == 0
+    j.remember_predictions([("p", b, 0.9, 0.9, 0.9), ("old", a, 0.6, 0.7, 0.5)])  # predicted again later
+    assert _taken(j.outcomes_from(1, 5)) == want  # what the rows took when the journal was opened
+    # as a migration by an earlier version left it (the column, its rows NULL, the journal not marked)
+    j._db.execute("UPDATE outcomes SET live = NULL WHERE seq = 2")
+    j._db.execute("PRAGMA user_version = 0")
     j.close()
-    j = Journal(path, horizon_seconds=30.0)  # reopening a migrated journal changes nothing
-    assert _taken(j.outcomes_from(1, 5)) == want
+    j = Journal(path, horizon_seconds=30.0)  # reopening: only a row without the column gets it, from its Predict now
+    assert _taken(j.outcomes_from(1, 5)) == want[:1] + [(2, 1, Scored(0.6, 0.7, 0.5))] + want[2:]
     j.close()
 
 
