@@ -25,6 +25,7 @@ and is never pruned. One connection, used by the model-owner thread only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -176,14 +177,21 @@ class Journal:
         for seq, predicted_at, served, fusion, average in rows:
             took = None if predicted_at is None or predicted_at < oldest else _took(served, fusion, average)
             fill.append((_live_text(took), seq))
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._db.executemany("UPDATE outcomes SET live = ? WHERE seq = ?", fill)
             self._db.execute(f"PRAGMA user_version = {LIVE_FILLED}")
-            self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction around the statements inside (the connection autocommits otherwise: an
+        executemany would commit, and sync, each row on its own)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -305,7 +313,7 @@ class Journal:
         """Keep Predicts by event_id (the latest wins): (event_id, event[, served, fusion, average]).
         Asynchronous durability is enough: a lost one only means sending the inputs again."""
         now = time.time()
-        with self._db:
+        with self._transaction():
             self._db.executemany(
                 "INSERT OR REPLACE INTO predictions (event_id, payload, predicted_at, served, fusion, average) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -332,7 +340,7 @@ class Journal:
     # ------------------------------------------------------------------ retention
     def prune_predictions(self) -> int:
         """Drop predictions past the horizon and beyond the newest `keep_predictions`."""
-        with self._db:
+        with self._transaction():
             n = self._db.execute("DELETE FROM predictions WHERE predicted_at < ?",
                                  (time.time() - self.horizon_seconds,)).rowcount
             n += self._db.execute("DELETE FROM predictions WHERE event_id IN (SELECT event_id FROM predictions "
@@ -343,7 +351,7 @@ class Journal:
     def prune(self, applied_seq: int) -> tuple[int, int]:
         """Drop outcomes already in a checkpoint (seq <= `applied_seq`) beyond the newest
         `keep_outcomes`, and prune the predictions. Returns (outcomes, predictions) dropped."""
-        with self._db:
+        with self._transaction():
             cutoff = self.last_seq() - self.keep_outcomes
             o = self._db.execute("DELETE FROM outcomes WHERE seq <= ? AND seq <= ?",
                                  (applied_seq, cutoff)).rowcount

@@ -258,3 +258,19 @@ def test_the_backlog_holds_rows_nobody_waits_for_as_spans_of_the_journal(tmp_pat
     b.clear()
     assert len(b) == 0 and b.head(1) == []
     j.close()
+
+
+def test_remembering_predictions_is_one_transaction_a_call(tmp_path, stream):
+    """The journal's connection autocommits: without a transaction around it, remembering a batch
+    of Predicts committed (and synced) each row on its own, on the model owner's thread."""
+    j = Journal(tmp_path / "j.sqlite3", keep_predictions=10)
+    evs = [Event.parse(e, f) for e, f, _ in stream(51, 30)]
+    statements = []
+    j._db.set_trace_callback(statements.append)
+    j.remember_predictions([(f"p{i}", ev, 0.5, 0.6, 0.55) for i, ev in enumerate(evs)])
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+    assert len(statements) == 2 + len(evs) and "BEGIN IMMEDIATE" not in statements[1:]
+    statements.clear()
+    assert j.prune_predictions() == 20 and j.count_predictions() == 10
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-2:] == ["COMMIT", "SELECT COUNT(*) FROM predictions"]
+    j.close()
