@@ -84,7 +84,7 @@ def serve_echo(ready_file: str) -> None:
 
     # the service's model on the same outcomes, as the service sees them (the same request fields)
     import torch
-    torch.set_num_threads(1)  # as the service's process (server/cli.py)
+    torch.set_num_threads(1)  # as the trainer process (server/trainer.py): the warm-up trains
     defaults = ServiceConfig()
     fusion = TransformerFusion(defaults.fusion, n_models=defaults.n_models)
     for e, f, d in warm_up_events():

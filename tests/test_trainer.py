@@ -196,8 +196,8 @@ def test_a_script_without_a_main_guard_can_start_a_trainer(tmp_path: Path) -> No
 def test_the_service_process_never_imports_torch(tmp_path: Path) -> None:
     """With the trainer in its child process (the default), the service process predicts with
     numpy and leaves torch to the child: Predict, RecordOutcome, a bulk replay, Stats and
-    checkpoints save, list and restore, all without importing it (torch costs the service 1.2 s
-    to start and about 110 MiB)."""
+    checkpoints save, list and restore, all without importing it (torch cost the service process
+    about 1.4 s to start and 180 MiB resident)."""
     import subprocess
     import sys
     script = tmp_path / "service.py"
