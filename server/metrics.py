@@ -27,6 +27,7 @@ a series reads 0 rather than being absent before its first event.
 | `fusion_checkpoint_errors_total` | counter | `action` = save, restore | checkpoint saves and restores that failed |
 | `fusion_rpc_errors_total` | counter | `method`, `code` | RPCs that ended with a non-OK gRPC status (code like INVALID_ARGUMENT) |
 | `fusion_rpc_duration_seconds` | histogram | `method` | RPC handling time, seconds, every status included |
+| `fusion_predict_batch_size` | histogram | | Predicts answered by one forecast (micro-batching: 1 for a Predict computed alone, more when Predicts queued while one was computed) |
 | `fusion_live_log_loss` | gauge | `source` = served, fusion, average | rolling log loss on the outcomes of predicted events (live scoring; NaN before any) |
 | `fusion_live_accuracy` | gauge | `source` | rolling accuracy, same window |
 | `fusion_live_brier` | gauge | `source` | rolling Brier score, same window |
@@ -68,6 +69,7 @@ PREDICTION_LABELS = ((SOURCE_FUSION, REASON_NONE),) + tuple((SOURCE_AVERAGE, r) 
 # Sub-millisecond gRPC calls in-process, with room for slow training-bound calls.
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05,
                0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # up to MAX_PREDICT_BATCH (server/owner.py)
 
 # get_training_stats() key -> gauge attribute; booleans become 1/0, None becomes NaN.
 _TRAINING_GAUGES = {
@@ -148,6 +150,9 @@ class Metrics:
                                                 ("method",), buckets=RPC_BUCKETS, registry=r)
         # Bound once: the hot path does self.rpc_duration[method].observe(seconds).
         self.rpc_duration = {m: self.rpc_duration_histogram.labels(m) for m in self.methods}
+        self.predict_batch_size = Histogram("fusion_predict_batch_size", "Predicts answered by one forecast "
+                                            "(1: computed alone; more: queued while another was computed).",
+                                            buckets=BATCH_BUCKETS, registry=r)
 
         # --- live shadow scoring (server/live.py) ---
         self.live = {name: gauge(f"fusion_live_{name}", doc, ("source",)) for name, doc in (

@@ -492,6 +492,8 @@ class FusionService:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _predicted(self, preds: list) -> None:
+        """After each forecast computation (Predictor._compute): `preds` is its batch."""
+        self.metrics.predict_batch_size.observe(len(preds))
         for p in preds:
             if isinstance(p, Prediction):
                 self.metrics.count_prediction(p.source, p.reason)

@@ -182,3 +182,9 @@ def test_stop_frees_the_port_for_a_restart(metrics):
     _, port2 = metrics.start_http_server(port)
     assert port2 == port
     metrics.stop()
+
+
+def test_the_batch_size_buckets_reach_the_largest_batch():
+    from titan_fusion.server.metrics import BATCH_BUCKETS
+    from titan_fusion.server.owner import MAX_PREDICT_BATCH
+    assert BATCH_BUCKETS[-1] == MAX_PREDICT_BATCH

@@ -133,7 +133,7 @@ def test_concurrent_predicts_each_get_their_own_answer(tmp_path):
 
     from service_helpers import events, start
 
-    svc, port, _ = start(tmp_path / "data")
+    svc, port, registry = start(tmp_path / "data")
     try:
         from titan_fusion.client import FusionClient
         with FusionClient(f"127.0.0.1:{port}", timeout=30, fallback=False) as client:
@@ -168,6 +168,10 @@ def test_concurrent_predicts_each_get_their_own_answer(tmp_path):
             t.join(60)
         assert not any(t.is_alive() for t in threads)
         assert sum(batches) == len(evs) and sorted(got) == list(range(len(evs)))
+        # the batch-size histogram saw each computation once, with its size
+        assert registry.get_sample_value("fusion_predict_batch_size_count") == len(batches)
+        assert registry.get_sample_value("fusion_predict_batch_size_sum") == len(evs)
+        assert registry.get_sample_value("fusion_predict_batch_size_bucket", {"le": "1.0"}) == batches.count(1)
         for i, p in got.items():
             assert p.prob_up == pytest.approx(want[i].prob_up, abs=1e-12) and p.attention == pytest.approx(want[i].attention)
         assert svc.predictor.depth == 0

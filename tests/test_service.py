@@ -693,6 +693,10 @@ def test_metrics_endpoint_reports_the_traffic(scraped_service: Running) -> None:
     assert one(m, "fusion_rpc_duration_seconds_count", method="Checkpoint") == 0
     assert one(m, "fusion_rpc_duration_seconds_count", method="Stats") == 1
     assert one(m, "fusion_rpc_duration_seconds_bucket", method="Predict", le="+Inf") == 26
+    # 25 Predicts reached the predictor one at a time: each computed alone, a batch of 1 (the invalid
+    # one was refused before it)
+    assert one(m, "fusion_predict_batch_size_count") == 25 == one(m, "fusion_predict_batch_size_sum")
+    assert one(m, "fusion_predict_batch_size_bucket", le="1.0") == 25
     assert one(m, "fusion_rpc_duration_seconds_sum", method="RecordOutcome") > 0
     assert one(m, "fusion_rpc_errors_total", method="Predict", code="INVALID_ARGUMENT") == 1
     assert len(m["fusion_rpc_errors_total"]) == 1
