@@ -13,7 +13,8 @@ Floors, measured in the same run and on the same stack:
 - Predict p99 beside a plain CPU loop in another process (at the trainer's priority, on its CPU):
   what the trainer's CPU use alone does to Predict on this machine, next to what its training does.
 
-Figures: in-process forward and training step; Predict p50/p99 one call at a time; Predict p99
+Figures: in-process forward and training step; Predict p50/p99 one call at a time, back to back and
+spaced as a trader's decisions (the process idle before each call, as the echo's); Predict p99
 while the service learns a bulk backlog (its trainer busy throughout: training at full rate), and
 while another process records outcomes one at a time as fast as the service acknowledges them
 (training at the pace of those round trips, with their RPCs on the same cores);
@@ -42,6 +43,7 @@ from pathlib import Path
 
 ECHO_METHOD = "/titan.bench.Echo/Echo"
 FORECAST_METHOD = "/titan.bench.Echo/Forecast"  # the model alone, beside the echo (serve_echo)
+IDLE_S = 0.02  # "after idle" rows: sleep before each call (calls spaced as a trader's decisions)
 BULK_BLOCKS = 5  # bulk replay: service and in-process baseline alternate over this many blocks
 
 
@@ -239,6 +241,11 @@ def bench_in_process(quick: bool) -> dict:
     fusion.forward(experts, feats)
     res = {"forward": percentiles(_sequential(lambda: fusion.forward(experts, feats), n)),
            "forward_average_floor": percentiles(_sequential(lambda: average.forward(experts, feats), n))}
+    # the same after IDLE_S of sleep before each call: the same work with this machine's caches cold
+    spaced = _spaced({"forward": lambda: fusion.forward(experts, feats),
+                      "forward_average_floor": lambda: average.forward(experts, feats)},
+                     100 if quick else 400, IDLE_S)
+    res.update({f"{k}_after_idle": percentiles(v) for k, v in spaced.items()})
     # a training step of batch 32, as update() runs it
     steps = 300 if quick else 1500
     res["train_step_batch32"] = percentiles(_sequential(fusion._step, steps))
@@ -262,6 +269,20 @@ def _sequential(call, n: int) -> list[float]:
         t = time.perf_counter()
         call()
         out.append(time.perf_counter() - t)
+    return out
+
+
+def _spaced(calls: dict, n: int, idle: float) -> dict[str, list[float]]:
+    """Latencies of each of `calls` (name -> call), one at a time with `idle` seconds of sleep before
+    each call, in turn, n rounds: a trader's regime (one call per decision, the process idle
+    between), where the caches the calls left are cold again. Taking turns shares drift."""
+    out: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(n):
+        for k, call in calls.items():
+            time.sleep(idle)
+            t = time.perf_counter()
+            call()
+            out[k].append(time.perf_counter() - t)
     return out
 
 
@@ -360,6 +381,11 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         res["constant_predict_sequential"] = percentiles(const_lat)
         res["model_only_sequential"] = percentiles(model_lat)
         res["predict_sequential"] = percentiles(pred_lat)
+        # one call per decision: IDLE_S of sleep before each call (the trader's regime)
+        spaced = _spaced({"echo": lambda: echo_call(payload, timeout=5),
+                          "model_only": lambda: model_call(req, timeout=5),
+                          "predict": lambda: stub.Predict(req, timeout=5)}, 60 if quick else 200, IDLE_S)
+        res.update({f"{k}_after_idle": percentiles(v) for k, v in spaced.items()})
 
         # Predict while another process records outcomes at full rate (training on every outcome)
         load_seconds = 6 if quick else 15
@@ -565,9 +591,14 @@ def _wait_applied(stub, seq: int) -> None:
 
 def table(r: dict) -> str:
     ip, g = r["in_process"], r["grpc"]
+    idle_ms = f"{IDLE_S * 1e3:g} ms"
     rows = [
         ("in-process forward, one event, median", ip["forward"]["p50_us"], ip["forward_average_floor"]["p50_us"],
          "same API serving the plain average", "< 150 us (core); < 100 us (perf)"),
+        (f"in-process forward, one event, median, after {idle_ms} idle before each call (caches cold)",
+         ip["forward_after_idle"]["p50_us"], ip["forward"]["p50_us"], "the same, back to back (above)", ""),
+        (f"in-process plain average, median, after {idle_ms} idle", ip["forward_average_floor_after_idle"]["p50_us"],
+         ip["forward_average_floor"]["p50_us"], "the same, back to back (above)", ""),
         ("in-process training step, batch 32, median", ip["train_step_batch32"]["p50_us"], None, "", "< 2.5 ms (core); < 2 ms (perf)"),
         ("in-process update() with its step, median", ip["update_with_step"]["p50_us"],
          ip["update_no_training_floor"]["p50_us"], "update() without training", ""),
@@ -583,6 +614,12 @@ def table(r: dict) -> str:
          "echo p99", ""),
         ("Predict p50 against the model alone: what the service adds", g["predict_sequential"]["p50_us"],
          g["model_only_sequential"]["p50_us"], "the model alone p50", ""),
+        (f"Predict p50, one call per decision ({idle_ms} idle before each call)", g["predict_after_idle"]["p50_us"],
+         g["echo_after_idle"]["p50_us"], "echo p50, the same spacing", ""),
+        ("Predict p99, one call per decision", g["predict_after_idle"]["p99_us"], g["echo_after_idle"]["p99_us"],
+         "echo p99, the same spacing", ""),
+        ("the model alone p50, one call per decision", g["model_only_after_idle"]["p50_us"],
+         g["echo_after_idle"]["p50_us"], "echo p50, the same spacing", ""),
         ("Predict p99 while training at full rate (a bulk backlog, trainer busy throughout)",
          g["bulk_replay"]["predict_while_catching_up"]["p99_us"], g["bulk_replay"]["predict_idle"]["p99_us"],
          "idle Predict p99 (same service, same run)", "<= 1.5x"),
