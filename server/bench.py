@@ -13,8 +13,10 @@ Floors, measured in the same run and on the same stack:
 - Predict p99 beside a plain CPU loop in another process (at the trainer's priority, on its CPU):
   what the trainer's CPU use alone does to Predict on this machine, next to what its training does.
 
-Figures: in-process forward and training step; Predict p50/p99 one call at a time, back to back and
-spaced as a trader's decisions (the process idle before each call, as the echo's); Predict p99
+Figures: in-process forward (back to back, and with 20 ms of sleep before each call, beside the
+plain average the same way) and training step; Predict p50/p99 one call at a time, back to back
+and spaced as a trader's decisions (20 ms of sleep before each call, as before each of the echo's
+and the model alone's, in turn); Predict p99
 while the service learns a bulk backlog (its trainer busy throughout: training at full rate), and
 while another process records outcomes one at a time as fast as the service acknowledges them
 (training at the pace of those round trips, with their RPCs on the same cores);
@@ -241,7 +243,7 @@ def bench_in_process(quick: bool) -> dict:
     fusion.forward(experts, feats)
     res = {"forward": percentiles(_sequential(lambda: fusion.forward(experts, feats), n)),
            "forward_average_floor": percentiles(_sequential(lambda: average.forward(experts, feats), n))}
-    # the same after IDLE_S of sleep before each call: the same work with this machine's caches cold
+    # the same with IDLE_S of sleep before each call: the same work after an idle pause
     spaced = _spaced({"forward": lambda: fusion.forward(experts, feats),
                       "forward_average_floor": lambda: average.forward(experts, feats)},
                      100 if quick else 400, IDLE_S)
@@ -274,8 +276,8 @@ def _sequential(call, n: int) -> list[float]:
 
 def _spaced(calls: dict, n: int, idle: float) -> dict[str, list[float]]:
     """Latencies of each of `calls` (name -> call), one at a time with `idle` seconds of sleep before
-    each call, in turn, n rounds: a trader's regime (one call per decision, the process idle
-    between), where the caches the calls left are cold again. Taking turns shares drift."""
+    each call, in turn, n rounds: a trader's regime (one call per decision, the processes idle
+    between). Taking turns shares drift."""
     out: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(n):
         for k, call in calls.items():
@@ -384,7 +386,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         # one call per decision: IDLE_S of sleep before each call (the trader's regime)
         spaced = _spaced({"echo": lambda: echo_call(payload, timeout=5),
                           "model_only": lambda: model_call(req, timeout=5),
-                          "predict": lambda: stub.Predict(req, timeout=5)}, 60 if quick else 200, IDLE_S)
+                          "predict": lambda: stub.Predict(req, timeout=5)}, 60 if quick else 300, IDLE_S)
         res.update({f"{k}_after_idle": percentiles(v) for k, v in spaced.items()})
 
         # Predict while another process records outcomes at full rate (training on every outcome)
@@ -595,9 +597,9 @@ def table(r: dict) -> str:
     rows = [
         ("in-process forward, one event, median", ip["forward"]["p50_us"], ip["forward_average_floor"]["p50_us"],
          "same API serving the plain average", "< 150 us (core); < 100 us (perf)"),
-        (f"in-process forward, one event, median, after {idle_ms} idle before each call (caches cold)",
+        (f"in-process forward, one event, median, {idle_ms} idle before each call",
          ip["forward_after_idle"]["p50_us"], ip["forward"]["p50_us"], "the same, back to back (above)", ""),
-        (f"in-process plain average, median, after {idle_ms} idle", ip["forward_average_floor_after_idle"]["p50_us"],
+        (f"in-process plain average, median, {idle_ms} idle before each call", ip["forward_average_floor_after_idle"]["p50_us"],
          ip["forward_average_floor"]["p50_us"], "the same, back to back (above)", ""),
         ("in-process training step, batch 32, median", ip["train_step_batch32"]["p50_us"], None, "", "< 2.5 ms (core); < 2 ms (perf)"),
         ("in-process update() with its step, median", ip["update_with_step"]["p50_us"],

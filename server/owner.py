@@ -1035,8 +1035,11 @@ class Predictor:
                 refused = OverloadedError("the model owner's queue is full: the inputs of a Predict with an "
                                           "event_id cannot be kept; retry, or predict without event_id")
                 preds = [refused if isinstance(p, Prediction) and eid else p for eid, p in zip(event_ids, preds)]
-            self._on_predictions(preds)
         except Exception as e:  # a bug: every Predict of the batch gets it, none hangs
             log.exception("batched predict failed")
             preds = [e] * len(events)
+        try:  # every computation, failed ones too (the batch-size histogram counts each once)
+            self._on_predictions(preds)
+        except Exception:  # metrics are not worth a served forecast
+            log.exception("recording predictions failed")
         return preds

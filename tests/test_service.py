@@ -539,6 +539,7 @@ def test_internal_error_hides_the_exception_text(service: Running, monkeypatch: 
     assert any("hunter2" in (r.exc_text or "") or (r.exc_info and "hunter2" in str(r.exc_info[1]))
                for r in caplog.records)  # the trace goes to the log
     assert service.sample("fusion_rpc_errors_total", {"method": "Predict", "code": "INTERNAL"}) == 2
+    assert service.sample("fusion_predict_batch_size_count") == 2  # failed computations count too
     monkeypatch.setattr(service.svc.predictor, "override", None)
     assert c.predict(GOOD[0], GOOD_FEATURES).reason == "warming_up"  # the service survived
     s = c.stats()["service"]
