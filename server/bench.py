@@ -311,7 +311,20 @@ def _predicts_beside(call, bench_args: list[str], seconds: float) -> tuple[list[
     return lat, out
 
 
-async def _in_flight(make_call, concurrency: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (all its threads, not its children), in
+    seconds; NaN where /proc cannot tell (not Linux, or the process is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (ticks)
+
+
+async def _in_flight(make_call, concurrency: int, seconds: float, server_pid: int) -> dict:
+    """Throughput and latency with `concurrency` calls in flight for `seconds`, and the CPU time the
+    server process (`server_pid`) spent meanwhile, per call and in CPUs kept busy, and the CPUs this
+    (the client's) process kept busy."""
     lat: list[float] = []
     stop = time.perf_counter() + seconds
 
@@ -320,10 +333,13 @@ async def _in_flight(make_call, concurrency: int, seconds: float) -> dict:
             t = time.perf_counter()
             await make_call()
             lat.append(time.perf_counter() - t)
-    t0 = time.perf_counter()
+    cpu0, mine0, t0 = cpu_seconds(server_pid), cpu_seconds(os.getpid()), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
-    return {"concurrency": concurrency, "calls_per_s": len(lat) / elapsed, **percentiles(lat)}
+    cpu, mine = cpu_seconds(server_pid) - cpu0, cpu_seconds(os.getpid()) - mine0
+    return {"concurrency": concurrency, "calls_per_s": len(lat) / elapsed, **percentiles(lat),
+            "server_cpu_us_per_call": cpu / len(lat) * 1e6, "server_cpus_busy": cpu / elapsed,
+            "client_cpus_busy": mine / elapsed}
 
 
 def bench_grpc(quick: bool, tmp: Path) -> dict:
@@ -406,6 +422,8 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
         # throughput with calls in flight (grpc.aio), echo and Predict alternately
         seconds = 2.0 if quick else 4.0
 
+        echo_pid, service_pid = echo["pid"], fus["pid"]
+
         async def flights():
             out = {}
             ach = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
@@ -415,12 +433,14 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
             aconst = pb_grpc.FusionServiceStub(ech)
             amodel = _forecast_call(ech)
             for c in (1, 8, 32):
-                out[f"echo_inflight_{c}"] = await _in_flight(lambda: aecho(payload, timeout=10), c, seconds)
+                out[f"echo_inflight_{c}"] = await _in_flight(lambda: aecho(payload, timeout=10), c, seconds, echo_pid)
                 if c == 32:
                     out[f"constant_predict_inflight_{c}"] = await _in_flight(
-                        lambda: aconst.Predict(req, timeout=10), c, seconds)
-                    out[f"model_only_inflight_{c}"] = await _in_flight(lambda: amodel(req, timeout=10), c, seconds)
-                out[f"predict_inflight_{c}"] = await _in_flight(lambda: astub.Predict(req, timeout=10), c, seconds)
+                        lambda: aconst.Predict(req, timeout=10), c, seconds, echo_pid)
+                    out[f"model_only_inflight_{c}"] = await _in_flight(
+                        lambda: amodel(req, timeout=10), c, seconds, echo_pid)
+                out[f"predict_inflight_{c}"] = await _in_flight(
+                    lambda: astub.Predict(req, timeout=10), c, seconds, service_pid)
             # RecordOutcome with 8 in flight: group commits
             counter = iter(range(10**9))
             ev = events[600]
@@ -430,7 +450,7 @@ def bench_grpc(quick: bool, tmp: Path) -> dict:
                 return astub.RecordOutcome(pb.RecordOutcomeRequest(
                     experts=to_req(*ev[:2]).experts, features=ev[1], event_id=f"tp-{i}",
                     actual_direction=pb.DIRECTION_UP), timeout=30)
-            out["record_outcome_inflight_8"] = await _in_flight(outcome, 8, seconds)
+            out["record_outcome_inflight_8"] = await _in_flight(outcome, 8, seconds, service_pid)
             await ach.close()
             await ech.close()
             return out
@@ -638,6 +658,10 @@ def table(r: dict) -> str:
     for c in (1, 8, 32):
         rows.append((f"Predict throughput, {c} in flight (calls/s)", g[f"predict_inflight_{c}"]["calls_per_s"],
                      g[f"echo_inflight_{c}"]["calls_per_s"], "echo calls/s", ">= 0.8x at 32" if c == 32 else ""))
+        if c == 1:
+            rows.append(("server CPU per call, 1 in flight: Predict (the service's process)",
+                         g["predict_inflight_1"]["server_cpu_us_per_call"], g["echo_inflight_1"]["server_cpu_us_per_call"],
+                         "the echo server's CPU per call", ""))
         if c == 32:
             rows.append(("constant-answer Predict throughput, 32 in flight (calls/s)",
                          g["constant_predict_inflight_32"]["calls_per_s"], g["echo_inflight_32"]["calls_per_s"],
@@ -645,6 +669,17 @@ def table(r: dict) -> str:
             rows.append(("the model alone, throughput 32 in flight (calls/s)",
                          g["model_only_inflight_32"]["calls_per_s"], g["echo_inflight_32"]["calls_per_s"],
                          "echo calls/s", ""))
+            echo_cpu = g["echo_inflight_32"]["server_cpu_us_per_call"]
+            for key, what in (("predict", "Predict (the service's process)"), ("constant_predict", "constant-answer Predict"),
+                              ("model_only", "the model alone")):
+                rows.append((f"server CPU per call, 32 in flight: {what}", g[f"{key}_inflight_32"]["server_cpu_us_per_call"],
+                             echo_cpu, "the echo server's CPU per call", ""))
+            rows.append(("CPUs kept busy, 32 in flight: the service's process, Predict (cores)",
+                         g["predict_inflight_32"]["server_cpus_busy"], g["echo_inflight_32"]["server_cpus_busy"],
+                         "the echo server's", ""))
+            rows.append(("CPUs kept busy, 32 in flight: the bench's client, Predict (cores)",
+                         g["predict_inflight_32"]["client_cpus_busy"], g["echo_inflight_32"]["client_cpus_busy"],
+                         "the same client, echo", ""))
         rows.append((f"Predict p99, {c} in flight", g[f"predict_inflight_{c}"]["p99_us"],
                      g[f"echo_inflight_{c}"]["p99_us"], "echo p99", ""))
     rows.append(("RecordOutcome, one at a time (outcomes/s)", g["record_outcome_sequential_per_s"], None, "", ""))
@@ -663,8 +698,11 @@ def table(r: dict) -> str:
     lines = ["| measurement | value | floor / baseline | ratio | baseline is | target |", "|---|---:|---:|---:|---|---|"]
     for name, v, base, what, target in rows:
         ratio = f"{v / base:.2f}x" if base else ""
-        unit = "" if "calls/s" in name or "outcomes/s" in name or "MiB" in name else " us"
-        fmt = (lambda x: f"{x:,.0f}{unit}") if x_is_big(v) else (lambda x: f"{x:.1f}{unit}")
+        unit = "" if "calls/s" in name or "outcomes/s" in name or "MiB" in name or "(cores)" in name else " us"
+        if "(cores)" in name:
+            fmt = lambda x: f"{x:.2f}"  # noqa: E731
+        else:
+            fmt = (lambda x: f"{x:,.0f}{unit}") if x_is_big(v) else (lambda x: f"{x:.1f}{unit}")
         lines.append(f"| {name} | {fmt(v)} | {fmt(base) if base else ''} | {ratio} | {what} | {target} |")
     return "\n".join(lines)
 
