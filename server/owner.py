@@ -44,7 +44,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -271,6 +271,8 @@ class ModelOwner:
         self.failed: BaseException | None = None
         self.published: Published | None = None
         self._replies: list[tuple[Future, Any, BaseException | None]] = []  # answered after publishing
+        self._taken: list[_Work] = []  # the batch the owner thread is working through
+        self._closed = False  # the owner thread has exited: nothing queued from now on is taken
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -321,6 +323,8 @@ class ModelOwner:
                 self._queue.put_nowait(_Work(kind, payload, deadline, fut))
         except queue.Full:
             raise OverloadedError(f"the model owner's queue is full ({self._queue.maxsize} items)") from None
+        if self._closed:  # the owner thread exited (stopped or failed) after the checks above
+            self._refuse_queued(self.failed or ShuttingDownError("the service is shutting down"))
         self._interrupt_learning()
         return fut
 
@@ -365,35 +369,42 @@ class ModelOwner:
             self._on_fail(e)
         finally:
             self._trainer.close()
+            self._closed = True  # then the queue is emptied once more: see submit()
+            self._refuse_queued(self.failed or ShuttingDownError("the service is shutting down"))
 
-    def _fail_everything(self, e: BaseException) -> None:
-        for fut, _, _ in self._replies:
-            if not fut.done():
-                fut.set_exception(e)
-        self._replies = []
-        for p in self._backlog.held():
-            if p.future is not None and not p.future.done():
-                p.future.set_exception(e)
-        for _, fut, _ in self._dup_waits:
-            if not fut.done():
-                fut.set_exception(e)
-        self._backlog.clear()
-        self._dup_waits.clear()
-        self._waiters = 0
+    def _refuse_queued(self, e: BaseException) -> None:
+        """Answer everything queued with `e` (the owner thread takes nothing any more). Called by
+        the owner thread as it exits and by a handler thread that queued work just then: each item
+        is taken from the queue once, by one of them."""
         while True:
             try:
                 w = self._queue.get_nowait()
             except queue.Empty:
-                break
-            if w.future is not None and not w.future.done():
-                w.future.set_exception(e)
+                return
+            _refuse(w.future, e)
+
+    def _fail_everything(self, e: BaseException) -> None:
+        for fut, _, _ in self._replies:
+            _refuse(fut, e)
+        self._replies = []
+        for w in self._taken:  # the rest of the batch the failure interrupted
+            _refuse(w.future, e)
+        self._taken = []
+        for p in self._backlog.held():
+            _refuse(p.future, e)
+        for _, fut, _ in self._dup_waits:
+            _refuse(fut, e)
+        self._backlog.clear()
+        self._dup_waits.clear()
+        self._waiters = 0
+        self._refuse_queued(e)
 
     def _serve(self) -> None:
         while True:
             # Wait for work when there is nothing to learn, or (briefly) while a bulk stream arrives.
             streaming = self._streaming()
-            batch = self._take(block=not self._backlog or (streaming and not self._waiters),
-                               timeout=BULK_QUIET_SECONDS if self._backlog else None)
+            batch = self._taken = self._take(block=not self._backlog or (streaming and not self._waiters),
+                                             timeout=BULK_QUIET_SECONDS if self._backlog else None)
             stop = None
             i = 0
             while i < len(batch):
@@ -564,23 +575,29 @@ class ModelOwner:
     def _restart_trainer(self, why: BaseException) -> None:
         """The trainer process died: start a new one and rebuild the model it had (the newest
         checkpoint plus the journal up to applied_seq: training is deterministic, so it is the same
-        model). Outcomes journaled but not learned yet stay queued for learning."""
+        model). Outcomes journaled but not learned yet stay queued for learning. A new trainer that
+        dies while it starts or rebuilds counts as one more death in a row, and is replaced too."""
         if self._applied_seq != self._restarted_at:
             self._restarts_in_a_row = 0
-        self._restarted_at = self._applied_seq
-        self._restarts_in_a_row += 1
-        if self._restarts_in_a_row > MAX_RESTARTS_IN_A_ROW:  # the same outcome kills it: stop, loudly
-            raise TrainerDiedError(f"the trainer died {MAX_RESTARTS_IN_A_ROW + 1} times at journal seq "
-                                   f"{self._applied_seq} without learning anything: {why}")
-        log.error("%s; starting a new trainer and rebuilding the model from the newest checkpoint and the journal", why)
-        self._trainer.close()
+        self._restarted_at = applied = self._applied_seq
         served = self._trainer.serving_stats  # Predicts record into it until the next publication
-        self._trainer = self._new_trainer()
-        self.trainer_restarts += 1
-        self._on_trainer_restart()
-        applied = self._applied_seq
-        info, replayed = self._rebuild(applied, score=False)
-        self._applied_seq = applied
+        while True:
+            self._restarts_in_a_row += 1
+            if self._restarts_in_a_row > MAX_RESTARTS_IN_A_ROW:  # the same outcome kills it: stop, loudly
+                raise TrainerDiedError(f"the trainer died {MAX_RESTARTS_IN_A_ROW + 1} times at journal seq "
+                                       f"{applied} without learning anything: {why}")
+            log.error("%s; starting a new trainer and rebuilding the model from the newest checkpoint and the journal", why)
+            self._trainer.close()
+            try:
+                self._trainer = self._new_trainer()
+                self.trainer_restarts += 1
+                self._on_trainer_restart()
+                info, replayed = self._rebuild(applied, score=False)
+                break
+            except TrainerDiedError as e:  # the new one died too (an OOM kill, say): next attempt
+                why = e
+            finally:
+                self._applied_seq = applied
         # what was served, before the restart and during the rebuild (the checkpoint has older
         # statistics); published at once, so that Predicts record into the new trainer's from now on
         self._trainer.serving_stats.load(served.state())
@@ -641,7 +658,9 @@ class ModelOwner:
                 return event, from_predict, scored
         _, _, new_names, new_features = schema.check(event, "experts")
         if new_names is not None or new_features is not None:
-            self._schema_ahead = schema.fixing(new_names, new_features)
+            # (rare: names fixed for the first time) a duplicate is not journaled, so it fixes nothing
+            if not (event_id and self._journal.has_outcome(event_id)):
+                self._schema_ahead = schema.fixing(new_names, new_features)
         elif checked is not None:
             checked[key] = schema
         return event, from_predict, scored
@@ -667,6 +686,7 @@ class ModelOwner:
         """RecordOutcome: validate, journal in one transaction, queue for learning. Each is
         answered once learned and published; a duplicate at once (with the rest of the batch)."""
         now = time.monotonic()
+        schema_before = self._schema_ahead  # what validation fixed stands only if the rows are journaled
         live: list[tuple[_Work, Event | None, str, int, bool, Scored | None]] = []
         for w in items:
             if w.deadline is not None and now > w.deadline:
@@ -681,6 +701,7 @@ class ModelOwner:
             live.append((w, event, event_id, label, from_predict, scored))
         seqs = self._journal_rows([(ev, eid, label, scored) for _, ev, eid, label, _, scored in live])
         if isinstance(seqs, Exception):
+            self._schema_ahead = schema_before
             for w, *_ in live:
                 self._reply(w.future, error=seqs)
             return
@@ -713,6 +734,7 @@ class ModelOwner:
         checked: dict = {}
         validate = self._validate
         chunk, convert = w.payload
+        schema_before = self._schema_ahead  # what validation fixed stands only if the rows are journaled
         try:
             for index, raw in chunk:
                 outcome, bad_id, error = convert(raw)
@@ -728,10 +750,12 @@ class ModelOwner:
                 rows.append((index, event, event_id, label, scored))
         except Exception as e:  # a bug: the stream fails (INTERNAL), the owner carries on
             log.exception("converting a RecordOutcomes chunk failed")
+            self._schema_ahead = schema_before
             w.future.set_exception(e)
             return
         seqs = self._journal_rows([(ev, eid, label, scored) for _, ev, eid, label, scored in rows])
         if isinstance(seqs, Exception):
+            self._schema_ahead = schema_before
             w.future.set_exception(seqs)
             return
         journaled = []
@@ -901,6 +925,15 @@ class ModelOwner:
         self._last_checkpoint = info.name
         self._since_checkpoint = 0
         self._journal.prune(self._applied_seq)
+
+
+def _refuse(fut: Future | None, e: BaseException) -> None:
+    """Fail `fut` with `e` unless it is answered already."""
+    if fut is not None:
+        try:
+            fut.set_exception(e)
+        except InvalidStateError:  # answered (by the owner, or by another thread refusing it)
+            pass
 
 
 class _Slot:

@@ -191,6 +191,23 @@ def test_a_duplicate_event_id_is_acknowledged_and_not_learned_twice(service: Run
         svc2.stop(grace=0)
 
 
+def test_a_duplicate_fixes_no_schema(service: Running) -> None:
+    """Expert names are fixed by the first learned outcome whose experts are all named. A
+    duplicate is not learned, so its names fix nothing: outcomes with other names still fit."""
+    c = service.client()
+    evs = events(3, 6)
+    unnamed = [([{"prob_up": x["prob_up"]} for x in e], f, d) for e, f, d in evs]
+    learn(c, unnamed[:3], "u")  # no expert names yet
+    e, f, d = evs[3]
+    renamed = [{**x, "name": f"other{i}"} for i, x in enumerate(e)]
+    dup = c.record_outcome(renamed, f, actual_direction=d, event_id="u0")
+    assert dup.duplicate
+    acks = learn(c, evs[3:], "n", start_index=3)  # named good, noise0..2: they fix the names
+    assert [a.samples_trained for a in acks] == [4, 5, 6]
+    with pytest.raises(InvalidArgumentError, match="other0"):  # and other names no longer fit
+        c.record_outcome(renamed, f, actual_direction=d, event_id="n-other")
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. RecordOutcome by event_id alone
 # ---------------------------------------------------------------------------------------------

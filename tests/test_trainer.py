@@ -295,3 +295,83 @@ def test_an_interrupt_ends_a_sliced_learn_after_its_current_outcome_until_cleare
         assert trainer.samples_trained == n + 70
     finally:
         trainer.close()
+
+
+def test_a_new_trainer_that_dies_while_rebuilding_is_replaced_too(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer dies; its replacement dies while it rebuilds the model (replaying the journal:
+    an OOM kill, say). That is one more death in a row, not the owner's end: a third trainer
+    rebuilds the model, the outcome that was waiting is learned, and the service keeps serving."""
+    from titan_fusion.server import service as service_module
+    made: list[LocalTrainer] = []
+
+    class _Flaky(LocalTrainer):
+        def learn(self, items, slice_seconds=None, *, snapshot=True, interruptible=False):
+            nth = made.index(self)
+            if items and (nth == 0 and self.fusion.samples_trained >= 25 or nth == 1):
+                raise TrainerDiedError(f"test: trainer {nth} died")
+            return super().learn(items, slice_seconds, snapshot=snapshot, interruptible=interruptible)
+
+    def new(config, split=None):
+        made.append(_Flaky(TransformerFusion(config.fusion, n_models=config.n_models)))
+        return made[-1]
+    monkeypatch.setattr(service_module, "new_trainer", new)
+    svc, port, registry = start(tmp_path / "data")
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        c = running.client()
+        evs = events(7, 27)
+        learn(c, evs[:25], "d")
+        acks = learn(c, evs[25:], "d", start_index=25)  # trainer 0 dies, then trainer 1 while rebuilding
+        assert [a.samples_trained for a in acks] == [26, 27]
+        assert len(made) == 3 and svc.owner.failed is None
+        assert svc.owner.trainer_restarts == 2 and running.sample("fusion_trainer_restarts_total") == 2
+        from grpc_health.v1 import health_pb2
+
+        from service_helpers import SERVICE_NAME, SERVING
+        assert running.health().Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == SERVING
+    finally:
+        running.close()
+    reference = TransformerFusion(FAST, n_models=4)  # the rebuilt model is the uninterrupted one
+    for e, f, d in evs:
+        reference.update(e, f, d)
+    assert np.array_equal(_probe(made[2].snapshot()), _probe(reference.snapshot()))
+
+
+def test_a_failing_owner_answers_the_rest_of_its_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the owner fails partway through a batch of work (here: the journal breaks while it
+    commits an outcome), the work after it in that batch is answered with the failure, not left
+    waiting: a caller without a deadline would wait for ever."""
+    import threading
+
+    from titan_fusion.server.owner import ModelOwner
+    gate, inside = threading.Event(), threading.Event()
+    one = ModelOwner._one
+
+    def held_list(self, w):  # the first listing holds the owner while more work queues behind it
+        if w.kind == "list" and not gate.is_set():
+            inside.set()
+            gate.wait(10)
+        return one(self, w)
+
+    def broken_commit(self, batch):
+        raise RuntimeError("test: the journal broke")
+    monkeypatch.setattr(ModelOwner, "_one", held_list)
+    monkeypatch.setattr(ModelOwner, "_commit_outcomes", broken_commit)
+    svc, port, registry = start(tmp_path / "data")
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        owner = svc.owner
+        first = owner.submit("list", None)
+        assert inside.wait(10)
+        outcome = owner.submit("outcome", None)  # one batch: this outcome, then a listing
+        after = owner.submit("list", None)
+        gate.set()
+        assert first.result(10) == []
+        with pytest.raises(RuntimeError, match="journal broke"):
+            outcome.result(10)
+        with pytest.raises(RuntimeError, match="journal broke"):
+            after.result(10)
+        assert owner.failed is not None
+    finally:
+        running.close()
