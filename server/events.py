@@ -19,6 +19,9 @@ MAX_NAME_LENGTH = 128
 MAX_EXPERTS = 64
 MAX_FEATURES = 256
 MAX_EVENT_ID_LENGTH = 256
+# A feature's magnitude above this is a sentinel or a unit error, not a market reading; its square
+# (the running variance that normalizes the feature) stays far from float64's overflow.
+MAX_FEATURE_ABS = 1e15
 DIRECTIONS = {"UP": 1, "DOWN": 0}
 
 
@@ -119,7 +122,8 @@ def parse_expert_fields(rows: Sequence[tuple[Any, Any, Any, Any]], field: str) -
 
 
 def parse_features(features: Any, field: str = "features") -> dict[str, float]:
-    """Validate a mapping of feature name to finite number. None means no features."""
+    """Validate a mapping of feature name to finite number within +-MAX_FEATURE_ABS. None means
+    no features."""
     if features is None:
         return {}
     if type(features) is not dict and not isinstance(features, Mapping):
@@ -132,9 +136,9 @@ def parse_features(features: Any, field: str = "features") -> dict[str, float]:
             raise FusionInputError(field, f"feature names must be non-empty strings, got {name!r}")
         if len(name) > MAX_NAME_LENGTH:
             raise FusionInputError(f"{field}.{name[:32]}...", f"name longer than {MAX_NAME_LENGTH} characters")
-        # a finite float is what _number would return as it is
-        out[name] = value if type(value) is float and value - value == 0.0 else \
-            _number(value, f"{field}.{name}", required=True)
+        # a float in range (so finite) is what _number would return as it is
+        out[name] = value if type(value) is float and -MAX_FEATURE_ABS <= value <= MAX_FEATURE_ABS else \
+            _number(value, f"{field}.{name}", required=True, lo=-MAX_FEATURE_ABS, hi=MAX_FEATURE_ABS)
     return out
 
 

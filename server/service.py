@@ -41,7 +41,7 @@ from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, ConfigError, DeadlineExpiredError,
                      FusionError, FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
                      ShuttingDownError, TrainerDiedError, UnknownEventError)
-from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURES, MAX_NAME_LENGTH, PROB_SUM_TOLERANCE, Expert,
+from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURE_ABS, MAX_FEATURES, MAX_NAME_LENGTH, PROB_SUM_TOLERANCE, Expert,
                      parse_event_id, parse_expert_fields, parse_features)
 from .inference import Event, Prediction
 from .journal import Journal
@@ -177,7 +177,8 @@ def event_from_proto(experts: Any, features: Any) -> Event:
                 feats = {k: features[k] for k in features}  # dict(map): keys() walks in Python
                 if len(feats) <= MAX_FEATURES and "" not in feats:
                     total = sum(feats.values())  # NaN or an infinity makes it non-finite
-                    if total - total == 0.0 and (not feats or max(map(len, feats)) <= MAX_NAME_LENGTH):
+                    if total - total == 0.0 and (not feats or max(map(len, feats)) <= MAX_NAME_LENGTH
+                                                 and max(map(abs, feats.values())) <= MAX_FEATURE_ABS):
                         return Event(tuple(out), feats)
     rows = [(e.prob_up if e.HasField("prob_up") else None, e.prob_down if e.HasField("prob_down") else None,
              e.confidence if e.HasField("confidence") else None, e.name or None) for e in experts]

@@ -94,6 +94,8 @@ CASES = {
     "expert-unknown-outcome": outcome(experts=experts(0.5, 0.4, 0.5, 0.5, names=("a", "b", "c", "z"))),
     "feature-nan": predict(features={"close": 1.0, "rsi": math.nan}),
     "feature-inf": outcome(features={"close": math.inf, "rsi": 50.0}),
+    "feature-huge": outcome(features={"close": 1e200, "rsi": 50.0}),
+    "feature-huge-negative": predict(features={"close": 50_000.0, "rsi": -2e15}),
     "feature-unknown": predict(features={**FEATS, "volume": 3.0}),
     "feature-missing": outcome(features={"close": 50_000.0}),
     "features-too-many": predict(features={f"f{i}": 1.0 for i in range(300)}),
