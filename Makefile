@@ -3,8 +3,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch first and pinned: the CPU wheel. An open range would pull a multi-GB CUDA build.
+# torch first and pinned: the CPU wheel, from PyTorch's CPU index (its +cpu build ranks above
+# PyPI's, which on Linux is a multi-GB CUDA build; so would an open range be). Where that index is
+# unreachable, pip warns, retries for a few seconds and takes what else it finds (a local CPU wheel
+# on pip's find-links, say). TORCH_INDEX= (empty) asks PyPI alone.
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 STAMP  := $(VENV)/.installed
 
 PORT         ?= 50051
@@ -18,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
 	touch $(STAMP)
 

@@ -437,7 +437,8 @@ class FusionClient:
         with RecordOutcome's guarantees and answers once all are journaled; training may trail the
         journal (`stats()["service"]["training_lag"]`). Rows the service refuses are reported by
         index, the others accepted. Not retried: re-run it with the same event_ids instead
-        (duplicates are acknowledged, not learned twice). `timeout` bounds the whole stream
+        (duplicates are acknowledged, not learned twice, as far back as the service's
+        `journal_keep_outcomes`: 100,000 outcomes by default). `timeout` bounds the whole stream
         (default one hour).
 
         The rows travel up to `rows_per_message` to a message and under `max_message_bytes`

@@ -14,8 +14,8 @@
                                                    bulk-send a history of outcomes (CSV or Parquet;
                                                    the layout is in server/replay.py)
 
-health, stats, demo and replay also take --ca FILE [--cert FILE --key FILE] [--tls-server-name NAME]
-[--token-file FILE]: TLS, mutual TLS and the bearer token (docs/security.md).
+health, stats, demo and replay also take --tls or --ca FILE [--cert FILE --key FILE]
+[--tls-server-name NAME] [--token-file FILE]: TLS, mutual TLS and the bearer token (docs/security.md).
 
 Only `serve` and `backtest` import torch; the other commands need grpcio and protobuf (and tqdm for
 the demo). `backtest` needs numpy and matplotlib too; it has its own parser (server/backtest.py).

@@ -6,7 +6,8 @@ model should learn them:
     event_id,actual_direction,expert.TrendVIC,expert.Oscillator,confidence.TrendVIC,feature.close,feature.rsi
     BTCUSDT:15m:2021-09-27T00:00Z,UP,0.61,0.48,0.9,43210.5,55.2
 
-- `event_id`: the candle's key (recommended: a re-run is then idempotent, duplicates are skipped);
+- `event_id`: the candle's key (recommended: a re-run is then idempotent, duplicates are skipped, as
+  far back as the service's `journal_keep_outcomes`);
 - `actual_direction`: UP or DOWN (also up/down, 1/0);
 - `expert.<name>`: that expert's prob_up; `confidence.<name>` optional; an empty cell is missing;
 - `feature.<name>`: a market feature. Other columns are ignored.

@@ -207,7 +207,7 @@ FUSION_HELP: dict[str, str] = {
     "early_stopping_delta": "smallest val-loss decrease that counts as an improvement",
     "expert_names": "names of the experts, in order; empty: the first event whose experts are all "
                     "named fixes them (until then model_0, model_1, ...)",
-    "feature_names": "names of the market features; empty: the first event with features fixes them",
+    "feature_names": "names of the market features; empty: the first learned outcome fixes them (none if it has none)",
     "missing_features": "an event lacking a known feature: reject it, or impute the running mean",
     "train_buffer_size": "FIFO capacity of the training buffer, in outcomes",
     "val_buffer_size": "FIFO capacity of the validation buffer, in outcomes",
