@@ -48,6 +48,10 @@ log = logging.getLogger("titan_fusion.server.trainer")
 # (error or None, samples_trained, version) for each outcome learned, in order
 Learned = tuple[BaseException | None, int, int]
 START_TIMEOUT_SECONDS = 120.0  # a child imports torch and warms it up before it answers
+# A trainer that answers nothing this long to one call is wedged (stopped, deadlocked, starved of
+# every CPU): it is killed, and the model owner replaces it as if it had died. The longest call,
+# 256 outcomes learned unsliced, takes seconds at the defaults.
+CALL_TIMEOUT_SECONDS = 300.0
 NICE = 10  # the trainer's priority where the platform has no SCHED_IDLE (lower_priority)
 _HIDE_MAIN = threading.Lock()
 
@@ -261,6 +265,10 @@ class TrainerProcess(_Interruptible):
                 self._conn.send((op, args))
             except (OSError, EOFError, ValueError) as e:
                 raise TrainerDiedError(f"the trainer process is gone ({type(e).__name__}: {e})") from None
+            if not self._conn.poll(CALL_TIMEOUT_SECONDS):
+                self._proc.kill()
+                raise TrainerDiedError(f"the trainer process answered nothing for {CALL_TIMEOUT_SECONDS:g} s "
+                                       f"to {op!r} (stopped or wedged); killed")
             return self._receive()
 
     def _receive(self) -> Any:

@@ -375,3 +375,30 @@ def test_a_failing_owner_answers_the_rest_of_its_batch(tmp_path: Path, monkeypat
         assert owner.failed is not None
     finally:
         running.close()
+
+
+def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer that answers nothing (here: SIGSTOP) is killed after CALL_TIMEOUT_SECONDS and
+    replaced; the outcomes that were waiting are learned, and the model is the uninterrupted one."""
+    from titan_fusion.server import trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "CALL_TIMEOUT_SECONDS", 2.0)
+    evs = events(8, 30)
+    svc, port, registry = start(tmp_path / "data")
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        c = running.client(timeout=30)
+        learn(c, evs[:25], "s")
+        first = svc.owner.trainer.pid
+        os.kill(first, signal.SIGSTOP)
+        acks = learn(c, evs[25:], "s", start_index=25)
+        assert [a.samples_trained for a in acks] == list(range(26, 31))
+        assert svc.owner.trainer_restarts == 1 and svc.owner.trainer.pid != first
+        wait_until(lambda: not _alive(first), 10, "the stopped trainer to be killed")
+        served = predictions(c, PROBES)
+    finally:
+        running.close()
+    reference = TransformerFusion(FAST, n_models=4)
+    for e, f, d in evs:
+        reference.update(e, f, d)
+    snap = reference.snapshot()
+    assert [p[0] for p in served] == [snap.predict([Event.parse(e, f)])[0].prob_up for e, f, _ in PROBES]
