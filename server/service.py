@@ -41,8 +41,8 @@ from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, ConfigError, DeadlineExpiredError,
                      FusionError, FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
                      ShuttingDownError, TrainerDiedError, UnknownEventError)
-from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURE_ABS, MAX_FEATURES, MAX_NAME_LENGTH, PROB_SUM_TOLERANCE, Expert,
-                     parse_event_id, parse_expert_fields, parse_features)
+from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURE_ABS, MAX_FEATURES, MAX_NAME_LENGTH,
+                     PROB_SUM_TOLERANCE, Expert, parse_event_id, parse_expert_fields, parse_features)
 from .inference import Event, Prediction
 from .journal import Journal
 from .live import LiveScorer
