@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # torch first and pinned: the CPU wheel, from PyTorch's CPU index (its +cpu build ranks above
-# PyPI's, which on Linux is a multi-GB CUDA build; so would an open range be). Where that index is
+# PyPI's, which on Linux is a multi-GB CUDA build; so would an open range be). torch alone comes
+# from there (--no-deps); its dependencies come from PyPI with the project's. Where that index is
 # unreachable, pip warns, retries for a few seconds and takes what else it finds (a local CPU wheel
 # on pip's find-links, say). TORCH_INDEX= (empty) asks PyPI alone.
 TORCH_VERSION ?= 2.13.0
@@ -22,7 +23,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet --no-deps torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
 	touch $(STAMP)
 
