@@ -272,6 +272,7 @@ class ModelOwner:
         self.published: Published | None = None
         self._replies: list[tuple[Future, Any, BaseException | None]] = []  # answered after publishing
         self._taken: list[_Work] = []  # the batch the owner thread is working through
+        self._validated_ids: set[str] = set()  # event_ids validated for the journal transaction being built
         self._closed = False  # the owner thread has exited: nothing queued from now on is taken
 
     # ------------------------------------------------------------------ lifecycle
@@ -368,9 +369,11 @@ class ModelOwner:
             self._fail_everything(e)
             self._on_fail(e)
         finally:
-            self._trainer.close()
             self._closed = True  # then the queue is emptied once more: see submit()
-            self._refuse_queued(self.failed or ShuttingDownError("the service is shutting down"))
+            try:
+                self._refuse_queued(self.failed or ShuttingDownError("the service is shutting down"))
+            finally:
+                self._trainer.close()
 
     def _refuse_queued(self, e: BaseException) -> None:
         """Answer everything queued with `e` (the owner thread takes nothing any more). Called by
@@ -652,17 +655,23 @@ class ModelOwner:
         if len(event.experts) != schema.n_models:
             raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
                                    "an outcome with another expert count cannot be learned")
+        validated = self._validated_ids  # this transaction's: an id seen again is a duplicate
         if checked is not None:
             key = (tuple([e.name for e in event.experts]), tuple(event.features))
             if checked.get(key) is schema:
+                if event_id:
+                    validated.add(event_id)
                 return event, from_predict, scored
         _, _, new_names, new_features = schema.check(event, "experts")
         if new_names is not None or new_features is not None:
-            # (rare: names fixed for the first time) a duplicate is not journaled, so it fixes nothing
-            if not (event_id and self._journal.has_outcome(event_id)):
+            # (rare: names fixed for the first time) a duplicate is not journaled, so it fixes
+            # nothing: of an outcome journaled before, or of one earlier in this transaction
+            if not (event_id and (event_id in validated or self._journal.has_outcome(event_id))):
                 self._schema_ahead = schema.fixing(new_names, new_features)
         elif checked is not None:
             checked[key] = schema
+        if event_id:
+            validated.add(event_id)
         return event, from_predict, scored
 
     def _journal_rows(self, rows: list[tuple[Event | None, str, int, Scored | None]]) -> list[int | None] | Exception:
@@ -687,6 +696,7 @@ class ModelOwner:
         answered once learned and published; a duplicate at once (with the rest of the batch)."""
         now = time.monotonic()
         schema_before = self._schema_ahead  # what validation fixed stands only if the rows are journaled
+        self._validated_ids = set()
         live: list[tuple[_Work, Event | None, str, int, bool, Scored | None]] = []
         for w in items:
             if w.deadline is not None and now > w.deadline:
@@ -735,6 +745,7 @@ class ModelOwner:
         validate = self._validate
         chunk, convert = w.payload
         schema_before = self._schema_ahead  # what validation fixed stands only if the rows are journaled
+        self._validated_ids = set()
         try:
             for index, raw in chunk:
                 outcome, bad_id, error = convert(raw)

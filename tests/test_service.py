@@ -208,6 +208,43 @@ def test_a_duplicate_fixes_no_schema(service: Running) -> None:
         c.record_outcome(renamed, f, actual_direction=d, event_id="n-other")
 
 
+def test_a_duplicate_within_one_bulk_chunk_fixes_no_schema(service: Running) -> None:
+    """The same, when the original is earlier in the same journal transaction (a bulk chunk): it
+    is not journaled yet when the duplicate is checked."""
+    c = service.client()
+    evs = events(3, 6)
+    e, f, d = evs[0]
+    rows = [{"experts": [{"prob_up": x["prob_up"]} for x in e], "features": f, "actual_direction": d, "event_id": "b0"},
+            {"experts": [{**x, "name": f"other{i}"} for i, x in enumerate(e)], "features": f, "actual_direction": d,
+             "event_id": "b0"}]
+    result = c.record_outcomes(rows)
+    assert (result.accepted, result.duplicates, result.rejected) == (1, 1, 0)
+    drain(c)
+    acks = learn(c, evs[1:], "n", start_index=1)  # named good, noise0..2: they fix the names
+    assert [a.samples_trained for a in acks] == [2, 3, 4, 5, 6]
+
+
+def test_an_outcome_the_journal_did_not_keep_fixes_no_schema(service: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names fixed while validating outcomes whose journal commit then failed are undone with it."""
+    from titan_fusion.server.owner import ModelOwner
+    c = service.client()
+    evs = events(3, 6)
+    learn(c, [([{"prob_up": x["prob_up"]} for x in e], f, d) for e, f, d in evs[:3]], "u")  # no expert names yet
+    journal_rows, fail = ModelOwner._journal_rows, [True]
+
+    def fails_once(self, rows):
+        if fail:
+            fail.clear()
+            return RuntimeError("test: the journal commit failed")
+        return journal_rows(self, rows)
+    monkeypatch.setattr(ModelOwner, "_journal_rows", fails_once)
+    e, f, d = evs[3]
+    with pytest.raises(InternalError):  # its details stay in the server log
+        c.record_outcome([{**x, "name": f"other{i}"} for i, x in enumerate(e)], f, actual_direction=d, event_id="lost")
+    acks = learn(c, evs[3:], "n", start_index=3)  # named good, noise0..2: they fix the names
+    assert [a.samples_trained for a in acks] == [4, 5, 6]
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. RecordOutcome by event_id alone
 # ---------------------------------------------------------------------------------------------

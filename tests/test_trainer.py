@@ -339,9 +339,9 @@ def test_a_new_trainer_that_dies_while_rebuilding_is_replaced_too(tmp_path: Path
 
 
 def test_a_failing_owner_answers_the_rest_of_its_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """When the owner fails partway through a batch of work (here: the journal breaks while it
-    commits an outcome), the work after it in that batch is answered with the failure, not left
-    waiting: a caller without a deadline would wait for ever."""
+    """When the owner fails partway through a batch of work (here: committing an outcome raises,
+    as a bug or a journal read would), the work after it in that batch is answered with the
+    failure, not left waiting: a caller without a deadline would wait for ever."""
     import threading
 
     from titan_fusion.server.owner import ModelOwner
@@ -379,20 +379,22 @@ def test_a_failing_owner_answers_the_rest_of_its_batch(tmp_path: Path, monkeypat
 
 def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A trainer that answers nothing (here: SIGSTOP) is killed after CALL_TIMEOUT_SECONDS and
-    replaced; the outcomes that were waiting are learned, and the model is the uninterrupted one."""
+    replaced; the outcomes that were waiting are learned, and the model is the uninterrupted one.
+    (A short timeout could also catch a replacement that a busy host starves; a second restart
+    changes nothing of what is checked.)"""
     from titan_fusion.server import trainer as trainer_module
-    monkeypatch.setattr(trainer_module, "CALL_TIMEOUT_SECONDS", 2.0)
     evs = events(8, 30)
     svc, port, registry = start(tmp_path / "data")
     running = Running(svc, port, registry, tmp_path / "data")
     try:
-        c = running.client(timeout=30)
+        c = running.client(timeout=60)
         learn(c, evs[:25], "s")
         first = svc.owner.trainer.pid
+        monkeypatch.setattr(trainer_module, "CALL_TIMEOUT_SECONDS", 3.0)
         os.kill(first, signal.SIGSTOP)
         acks = learn(c, evs[25:], "s", start_index=25)
         assert [a.samples_trained for a in acks] == list(range(26, 31))
-        assert svc.owner.trainer_restarts == 1 and svc.owner.trainer.pid != first
+        assert svc.owner.trainer_restarts >= 1 and svc.owner.trainer.pid != first
         wait_until(lambda: not _alive(first), 10, "the stopped trainer to be killed")
         served = predictions(c, PROBES)
     finally:
