@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 # torch first and pinned: the CPU wheel, from PyTorch's CPU index (its +cpu build ranks above
 # PyPI's, which on Linux is a multi-GB CUDA build; so would an open range be). torch alone comes
 # from there (--no-deps); its dependencies come from PyPI with the project's. Where that index is
-# unreachable, pip warns, retries for a few seconds and takes what else it finds (a local CPU wheel
-# on pip's find-links, say). TORCH_INDEX= (empty) asks PyPI alone.
+# unreachable, pip warns, retries (about 9 s here) and takes what else it finds: a local CPU wheel
+# on pip's find-links, as on the machines this was built on, or else PyPI's CUDA build.
+# TORCH_INDEX= (empty) asks PyPI alone.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 STAMP  := $(VENV)/.installed
