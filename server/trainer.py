@@ -48,9 +48,9 @@ log = logging.getLogger("titan_fusion.server.trainer")
 # (error or None, samples_trained, version) for each outcome learned, in order
 Learned = tuple[BaseException | None, int, int]
 START_TIMEOUT_SECONDS = 120.0  # a child imports torch and warms it up before it answers
-# A trainer that answers nothing this long to one call is wedged (stopped, deadlocked, starved of
-# every CPU): it is killed, and the model owner replaces it as if it had died. The longest call,
-# 256 outcomes learned unsliced, takes seconds at the defaults.
+# A trainer whose call (sending it, the work, the answer) takes this long is wedged (stopped,
+# deadlocked, starved of every CPU): a watchdog thread kills it, and the model owner replaces it
+# as if it had died. The longest call, 256 outcomes learned unsliced, takes seconds at the defaults.
 CALL_TIMEOUT_SECONDS = 300.0
 NICE = 10  # the trainer's priority where the platform has no SCHED_IDLE (lower_priority)
 _HIDE_MAIN = threading.Lock()
@@ -192,10 +192,14 @@ class TrainerProcess(_Interruptible):
         self._samples = self._version = 0
         self.stale = False  # the child has learned since the snapshot it last sent
         self._lock = threading.Lock()
+        self._call_since: float | None = None  # when the call in progress began (for the watchdog)
+        self._silenced = False  # the watchdog killed the child
+        self._closed = threading.Event()
         if not self._conn.poll(start_timeout):
             self.close()
             raise TrainerDiedError(f"the trainer process did not start within {start_timeout:g} s")
         self._receive()
+        threading.Thread(target=self._watch, name="trainer-watchdog", daemon=True).start()
 
     @property
     def pid(self) -> int | None:
@@ -249,6 +253,7 @@ class TrainerProcess(_Interruptible):
 
     def close(self) -> None:
         """Stop the child (it exits when the pipe closes) and wait for it briefly."""
+        self._closed.set()
         try:
             self._conn.close()
         except OSError:
@@ -261,22 +266,37 @@ class TrainerProcess(_Interruptible):
     # ------------------------------------------------------------------ the pipe
     def _call(self, op: str, *args: Any) -> Any:
         with self._lock:
+            self._call_since = time.monotonic()
             try:
-                self._conn.send((op, args))
-            except (OSError, EOFError, ValueError) as e:
-                raise TrainerDiedError(f"the trainer process is gone ({type(e).__name__}: {e})") from None
-            if not self._conn.poll(CALL_TIMEOUT_SECONDS):
+                try:
+                    self._conn.send((op, args))
+                except (OSError, EOFError, ValueError) as e:
+                    raise self._gone(f"{type(e).__name__}: {e}") from None
+                return self._receive()
+            finally:
+                self._call_since = None
+
+    def _watch(self) -> None:
+        """Kill the child when the call in progress (sending it, the child's work, receiving the
+        answer) has taken longer than CALL_TIMEOUT_SECONDS; the call then fails as for a death."""
+        while not self._closed.wait(min(1.0, CALL_TIMEOUT_SECONDS / 4)):
+            since = self._call_since
+            if since is not None and time.monotonic() - since > CALL_TIMEOUT_SECONDS:
+                self._silenced = True
                 self._proc.kill()
-                raise TrainerDiedError(f"the trainer process answered nothing for {CALL_TIMEOUT_SECONDS:g} s "
-                                       f"to {op!r} (stopped or wedged); killed")
-            return self._receive()
+                return
+
+    def _gone(self, why: str) -> TrainerDiedError:
+        if self._silenced:
+            return TrainerDiedError(f"the trainer process answered nothing for {CALL_TIMEOUT_SECONDS:g} s "
+                                    "(stopped or wedged); killed")
+        return TrainerDiedError(f"the trainer process is gone ({why})")
 
     def _receive(self) -> Any:
         try:
             ok, result, state = self._conn.recv()
         except (OSError, EOFError, ValueError) as e:
-            code = self._proc.exitcode
-            raise TrainerDiedError(f"the trainer process is gone (exit code {code}; {type(e).__name__})") from None
+            raise self._gone(f"exit code {self._proc.exitcode}; {type(e).__name__}") from None
         snapshot, self._stats, self._schema, self._samples, self._version = state
         if snapshot is not None:
             self._snapshot = snapshot

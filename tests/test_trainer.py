@@ -377,7 +377,8 @@ def test_a_failing_owner_answers_the_rest_of_its_batch(tmp_path: Path, monkeypat
         running.close()
 
 
-def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A trainer that answers nothing (here: SIGSTOP) is killed after CALL_TIMEOUT_SECONDS and
     replaced; the outcomes that were waiting are learned, and the model is the uninterrupted one.
     (A short timeout could also catch a replacement that a busy host starves; a second restart
@@ -395,6 +396,7 @@ def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: p
         acks = learn(c, evs[25:], "s", start_index=25)
         assert [a.samples_trained for a in acks] == list(range(26, 31))
         assert svc.owner.trainer_restarts >= 1 and svc.owner.trainer.pid != first
+        assert "the trainer process answered nothing for 3 s (stopped or wedged); killed" in caplog.text
         wait_until(lambda: not _alive(first), 10, "the stopped trainer to be killed")
         served = predictions(c, PROBES)
     finally:
