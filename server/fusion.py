@@ -44,7 +44,7 @@ outcome whose experts are all named (else "model_0", "model_1", ...). Forecasts 
 schema, so replaying the outcomes alone rebuilds the same model; before the first outcome they are
 the warm-up average. Later events with unknown features are refused; missing ones are refused or
 imputed (`missing_features = "mean"`). Once names are known, an event whose experts are all named
-is matched by name, whatever its order.
+is matched by name, whatever its order; a partly named one by position, each name checked.
 
 Not thread-safe: one owner thread calls it (the service's ModelOwner).
 """

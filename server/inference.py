@@ -436,7 +436,8 @@ class Schema:
 
     Fixed by configuration or by the first learned outcome (never by a forecast, so that replaying
     the outcomes alone rebuilds the same model). `expert_names` None: experts are matched by
-    position; otherwise an event whose experts are all named is matched by name.
+    position; otherwise an event whose experts are all named is matched by name, and one whose
+    experts are partly named by position, each name checked against its position's.
     """
 
     n_models: int
@@ -494,6 +495,15 @@ class Schema:
                                        f"expected {', '.join(self.expert_names)}")
             index = {n: i for i, n in enumerate(names)}
             order = [index[n] for n in self.expert_names]
+        elif any(names):  # partly named: matched by position, so each name must be its position's
+            for i, n in enumerate(names):
+                if n and n != self.expert_names[i]:
+                    where = (f"the schema's expert {self.expert_names.index(n)}" if n in self.expert_names
+                             else "not in the schema")
+                    raise FusionInputError(f"{field}[{i}].name", f"{n!r} is {where}, and experts that are not all named "
+                                           f"are matched by position: expected {self.expert_names[i]!r} here (the "
+                                           f"schema: {', '.join(self.expert_names)}); name every expert to send "
+                                           "them in any order")
         new_feature_names = None
         schema = self.feature_names
         if schema is None:

@@ -92,6 +92,8 @@ CASES = {
     "experts-too-many": predict(experts=experts(*[0.5] * 65, names=[f"e{i}" for i in range(65)])),
     "expert-unknown": predict(experts=experts(0.5, 0.4, 0.5, 0.5, names=("a", "b", "c", "z"))),
     "expert-unknown-outcome": outcome(experts=experts(0.5, 0.4, 0.5, 0.5, names=("a", "b", "c", "z"))),
+    "experts-partly-named-out-of-order": predict(experts=experts(0.5, 0.4, 0.5, 0.5, names=("b", "", "c", "d"))),
+    "experts-partly-named-unknown": outcome(experts=experts(0.5, 0.4, 0.5, 0.5, names=("", "", "z"))),
     "feature-nan": predict(features={"close": 1.0, "rsi": math.nan}),
     "feature-inf": outcome(features={"close": math.inf, "rsi": 50.0}),
     "feature-huge": outcome(features={"close": 1e200, "rsi": 50.0}),
