@@ -488,13 +488,14 @@ class Schema:
         if self.expert_names is None:
             if all(names):
                 new_expert_names = tuple(names)
-        elif all(names) and tuple(names) != self.expert_names:
-            unknown = [n for n in names if n not in self.expert_names]
-            if unknown:
-                raise FusionInputError(field, f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
-                                       f"expected {', '.join(self.expert_names)}")
-            index = {n: i for i, n in enumerate(names)}
-            order = [index[n] for n in self.expert_names]
+        elif all(names):
+            if tuple(names) != self.expert_names:  # (in schema order, the usual case: nothing to do)
+                unknown = [n for n in names if n not in self.expert_names]
+                if unknown:
+                    raise FusionInputError(field, f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
+                                           f"expected {', '.join(self.expert_names)}")
+                index = {n: i for i, n in enumerate(names)}
+                order = [index[n] for n in self.expert_names]
         elif any(names):  # partly named: matched by position, so each name must be its position's
             for i, n in enumerate(names):
                 if n and n != self.expert_names[i]:
