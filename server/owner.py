@@ -272,7 +272,6 @@ class ModelOwner:
         self.published: Published | None = None
         self._replies: list[tuple[Future, Any, BaseException | None]] = []  # answered after publishing
         self._taken: list[_Work] = []  # the batch the owner thread is working through
-        self._validated_ids: set[str] = set()  # event_ids validated for the journal transaction being built
         self._closed = False  # the owner thread has exited: nothing queued from now on is taken
 
     # ------------------------------------------------------------------ lifecycle
@@ -400,7 +399,7 @@ class ModelOwner:
         self._backlog.clear()
         self._dup_waits.clear()
         self._waiters = 0
-        self._refuse_queued(e)
+        # what is queued: by _run's last drain, which also takes what arrives after this
 
     def _serve(self) -> None:
         while True:
@@ -629,12 +628,15 @@ class ModelOwner:
                 fut.set_result(result)
 
     # ------------------------------------------------------------------ outcomes
-    def _validate(self, event: Event | None, event_id: str, bulk: bool = False,
+    def _validate(self, event: Event | None, event_id: str, validated: set[str], bulk: bool = False,
                   checked: dict | None = None) -> tuple[Event | None, bool, Scored | None]:
         """Resolve an outcome's inputs (from an earlier Predict if it has none) and check them
         against the schema as of the journal's head. Returns (event, from_predict, what live scoring
         takes from the Predict with this event_id, if any); event None means a duplicate known only
         by its event_id. Raises FusionInputError.
+
+        `validated`: the event_ids validated so far for the same journal transaction (this one's is
+        added); an id seen again there is a duplicate.
 
         `checked` (a bulk chunk's): the expert names and feature names already found to fit, each
         with the schema they fit. The check depends on those names and the schema only, so rows
@@ -655,7 +657,6 @@ class ModelOwner:
         if len(event.experts) != schema.n_models:
             raise FusionInputError("experts", f"expected {schema.n_models} experts, got {len(event.experts)}: "
                                    "an outcome with another expert count cannot be learned")
-        validated = self._validated_ids  # this transaction's: an id seen again is a duplicate
         if checked is not None:
             key = (tuple([e.name for e in event.experts]), tuple(event.features))
             if checked.get(key) is schema:
@@ -696,7 +697,7 @@ class ModelOwner:
         answered once learned and published; a duplicate at once (with the rest of the batch)."""
         now = time.monotonic()
         schema_before = self._schema_ahead  # what validation fixed stands only if the rows are journaled
-        self._validated_ids = set()
+        validated: set[str] = set()
         live: list[tuple[_Work, Event | None, str, int, bool, Scored | None]] = []
         for w in items:
             if w.deadline is not None and now > w.deadline:
@@ -704,7 +705,7 @@ class ModelOwner:
                 continue
             event, event_id, label = w.payload
             try:
-                event, from_predict, scored = self._validate(event, event_id)
+                event, from_predict, scored = self._validate(event, event_id, validated)
             except FusionInputError as e:
                 self._reply(w.future, error=e)
                 continue
@@ -745,7 +746,7 @@ class ModelOwner:
         validate = self._validate
         chunk, convert = w.payload
         schema_before = self._schema_ahead  # what validation fixed stands only if the rows are journaled
-        self._validated_ids = set()
+        validated: set[str] = set()
         try:
             for index, raw in chunk:
                 outcome, bad_id, error = convert(raw)
@@ -754,7 +755,7 @@ class ModelOwner:
                     continue
                 event, event_id, label = outcome
                 try:
-                    event, _, scored = validate(event, event_id, True, checked)
+                    event, _, scored = validate(event, event_id, validated, True, checked)
                 except FusionInputError as e:
                     results.append(("rejected", (index, event_id, e)))
                     continue
