@@ -231,13 +231,25 @@ svc.stop(grace=1)
     assert out.stdout.split() == ["fusion", "90", "False"]
 
 
-class _DiesAfter25(LocalTrainer):
-    """A trainer that dies on every outcome after the 25th (as if that outcome crashed it)."""
+def _dying_trainers(monkeypatch: pytest.MonkeyPatch, dies) -> list[LocalTrainer]:
+    """The service's trainers from now on: in-process ones whose learn() raises TrainerDiedError
+    (as a dead trainer process's would) when `dies(nth, trainer)` says so, nth counting the
+    trainers made from 0. Returns the trainers made, in order."""
+    from titan_fusion.server import service as service_module
+    made: list[LocalTrainer] = []
 
-    def learn(self, items, slice_seconds=None, *, snapshot=True, interruptible=False):
-        if items and self.fusion.samples_trained >= 25:
-            raise TrainerDiedError("test: the trainer died")
-        return super().learn(items, slice_seconds, snapshot=snapshot, interruptible=interruptible)
+    class Dying(LocalTrainer):
+        def learn(self, items, slice_seconds=None, *, snapshot=True, interruptible=False):
+            nth = made.index(self)
+            if items and dies(nth, self):
+                raise TrainerDiedError(f"test: trainer {nth} died")
+            return super().learn(items, slice_seconds, snapshot=snapshot, interruptible=interruptible)
+
+    def new(config, split=None):
+        made.append(Dying(TransformerFusion(config.fusion, n_models=config.n_models)))
+        return made[-1]
+    monkeypatch.setattr(service_module, "new_trainer", new)
+    return made
 
 
 def test_a_trainer_that_keeps_dying_stops_the_owner_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,9 +259,7 @@ def test_a_trainer_that_keeps_dying_stops_the_owner_loudly(tmp_path: Path, monke
 
     from service_helpers import NOT_SERVING, SERVICE_NAME
     from titan_fusion.client.errors import UnavailableError
-    from titan_fusion.server import service as service_module
-    monkeypatch.setattr(service_module, "new_trainer",
-                        lambda config, split=None: _DiesAfter25(TransformerFusion(config.fusion, n_models=config.n_models)))
+    _dying_trainers(monkeypatch, lambda nth, t: t.fusion.samples_trained >= 25)  # that outcome kills every one
     svc, port, registry = start(tmp_path / "data")
     running = Running(svc, port, registry, tmp_path / "data")
     try:
@@ -302,20 +312,10 @@ def test_a_new_trainer_that_dies_while_rebuilding_is_replaced_too(tmp_path: Path
     """The trainer dies; its replacement dies while it rebuilds the model (replaying the journal:
     an OOM kill, say). That is one more death in a row, not the owner's end: a third trainer
     rebuilds the model, the outcome that was waiting is learned, and the service keeps serving."""
-    from titan_fusion.server import service as service_module
-    made: list[LocalTrainer] = []
+    from grpc_health.v1 import health_pb2
 
-    class _Flaky(LocalTrainer):
-        def learn(self, items, slice_seconds=None, *, snapshot=True, interruptible=False):
-            nth = made.index(self)
-            if items and (nth == 0 and self.fusion.samples_trained >= 25 or nth == 1):
-                raise TrainerDiedError(f"test: trainer {nth} died")
-            return super().learn(items, slice_seconds, snapshot=snapshot, interruptible=interruptible)
-
-    def new(config, split=None):
-        made.append(_Flaky(TransformerFusion(config.fusion, n_models=config.n_models)))
-        return made[-1]
-    monkeypatch.setattr(service_module, "new_trainer", new)
+    from service_helpers import SERVICE_NAME, SERVING
+    made = _dying_trainers(monkeypatch, lambda nth, t: nth == 0 and t.fusion.samples_trained >= 25 or nth == 1)
     svc, port, registry = start(tmp_path / "data")
     running = Running(svc, port, registry, tmp_path / "data")
     try:
@@ -326,9 +326,6 @@ def test_a_new_trainer_that_dies_while_rebuilding_is_replaced_too(tmp_path: Path
         assert [a.samples_trained for a in acks] == [26, 27]
         assert len(made) == 3 and svc.owner.failed is None
         assert svc.owner.trainer_restarts == 2 and running.sample("fusion_trainer_restarts_total") == 2
-        from grpc_health.v1 import health_pb2
-
-        from service_helpers import SERVICE_NAME, SERVING
         assert running.health().Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == SERVING
     finally:
         running.close()
