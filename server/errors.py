@@ -11,6 +11,7 @@
     ├── NotReadyError                   the service is still recovering its model
     ├── ShuttingDownError               the service is draining
     ├── DeadlineExpiredError            the caller's deadline passed before the work started
+    ├── StorageError                    the data directory cannot be written (disk full, read-only, I/O)
     └── ClientGoneError                 the caller ended a stream midway
 
 The service maps these to gRPC status codes in one place (server/service.py).
@@ -86,6 +87,12 @@ class DeadlineExpiredError(FusionError):
     """The caller's deadline passed. Work whose deadline passed before it started is not done; an
     outcome whose deadline passes while it is being learned may still be learned (retrying with the
     same event_id is safe)."""
+
+
+class StorageError(FusionError):
+    """The data directory cannot be written: the disk is full or read-only, or an I/O error. What
+    the request would have written was not (an outcome is not journaled, so not acknowledged, and
+    not learned); retry once the disk is fixed."""
 
 
 class ClientGoneError(FusionError):

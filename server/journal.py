@@ -17,15 +17,17 @@ Tables
   Predicts that carried an event_id, so that RecordOutcome may send the event_id alone, within the
   configured horizon, and what was forecast, for live scoring (server/live.py).
 
-Retention: outcomes older than what the newest checkpoint covers are pruned down to the last
-`keep_outcomes` (their event_ids stay recognised as duplicates for that long), predictions past the
-horizon, or beyond the newest `keep_predictions`, are pruned (every PRUNE_EVERY remembered). With
-automatic checkpoints off (`checkpoint_every = 0`) the journal is the only record of the outcomes
-and is never pruned. One connection, used by the model-owner thread only.
+Retention: after each automatic checkpoint, the outcomes that the oldest automatic checkpoint
+kept covers are pruned down to the last `keep_outcomes` (their event_ids stay recognised as
+duplicates for that long); predictions past the horizon, or beyond the newest `keep_predictions`,
+are pruned (every PRUNE_EVERY remembered). With periodic checkpoints off (`checkpoint_every = 0`),
+only the checkpoints of a graceful stop and of a restore prune. A write that fails because of the
+disk (full, read-only, I/O) raises StorageError. One connection, used by the model-owner thread only.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import time
@@ -35,8 +37,28 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import orjson
 
+from .errors import StorageError
 from .events import Expert
 from .inference import Event
+
+# SQLite's errors that say the disk, not the request, is at fault (extended codes included:
+# SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED, ...)
+STORAGE_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
+
+def _writes(fn: Any) -> Any:
+    """A journal write: when the disk is full or read-only, or fails, it raises StorageError (the
+    transaction is rolled back: nothing was written), which callers answer with UNAVAILABLE."""
+    @functools.wraps(fn)
+    def write(self: "Journal", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            if (getattr(e, "sqlite_errorname", None) or "").startswith(STORAGE_ERRORS):
+                raise StorageError(f"the journal ({self.path}) cannot be written: {e}; nothing was written") from e
+            raise
+    return write
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -188,15 +210,17 @@ class Journal:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # a COMMIT that failed (disk full) leaves it open
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
 
     # ------------------------------------------------------------------ outcomes
+    @_writes
     def append_outcomes(self, items: Sequence[tuple[str | None, Event, int]],
                         scored: Sequence[Scored | None] | None = None) -> list[int | None]:
         """Commit outcomes (event_id, event, label) in one transaction, with what live scoring took
@@ -299,6 +323,17 @@ class Journal:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outcomes'").fetchone()
         return int(row[0]) if row else 0
 
+    @_writes
+    def advance_seq(self, seq: int) -> None:
+        """Number the outcomes journaled from now on after `seq` (a checkpoint's applied_seq): a
+        journal that ends before the checkpoint (restored from an older backup, or replaced) would
+        otherwise give new outcomes seqs that the checkpoint already covers, and a recovery would
+        skip them."""
+        with self._transaction():
+            if self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outcomes' AND seq < ?",
+                                (seq, seq)).rowcount == 0 and self.last_seq() < seq:
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outcomes', ?)", (seq,))
+
     def last_recorded_at(self) -> float:
         """Unix time the newest journaled outcome was recorded; 0 when there is none."""
         row = self._db.execute("SELECT MAX(recorded_at) FROM outcomes").fetchone()
@@ -309,6 +344,7 @@ class Journal:
         return int(self._db.execute("SELECT COUNT(*) FROM outcomes WHERE seq > ?", (after,)).fetchone()[0])
 
     # ------------------------------------------------------------------ predictions
+    @_writes
     def remember_predictions(self, items: Sequence[tuple]) -> None:
         """Keep Predicts by event_id (the latest wins): (event_id, event[, served, fusion, average]).
         Asynchronous durability is enough: a lost one only means sending the inputs again."""
@@ -338,6 +374,7 @@ class Journal:
         return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
 
     # ------------------------------------------------------------------ retention
+    @_writes
     def prune_predictions(self) -> int:
         """Drop predictions past the horizon and beyond the newest `keep_predictions`."""
         with self._transaction():
@@ -348,6 +385,7 @@ class Journal:
                                   (self.keep_predictions,)).rowcount
         return n
 
+    @_writes
     def prune(self, applied_seq: int) -> tuple[int, int]:
         """Drop outcomes already in a checkpoint (seq <= `applied_seq`) beyond the newest
         `keep_outcomes`, and prune the predictions. Returns (outcomes, predictions) dropped."""

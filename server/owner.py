@@ -49,13 +49,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .errors import (DeadlineExpiredError, FusionInputError, NotReadyError, OverloadedError,
-                     ShuttingDownError, UnknownEventError)
+                     ShuttingDownError, StorageError, UnknownEventError)
 from .events import plain_average
 from .inference import (REASON_UNDERPERFORMING, SOURCE_FUSION, Event, Prediction, Schema, ServingStats, Snapshot,
                         average_prediction)
 from .journal import Journal, Scored
 from .live import LiveScorer
-from .store import CheckpointInfo, CheckpointStore, check_name
+from .store import AUTO_PREFIX, CheckpointInfo, CheckpointStore, check_name
 from .trainer import LocalTrainer, TrainerDiedError, TrainerProcess
 
 log = logging.getLogger("titan_fusion.server.owner")
@@ -501,6 +501,16 @@ class ModelOwner:
         self._trainer.warm_up()
         info, replayed = self._rebuild(None, score=True, seconds=STARTUP_LEARN_SECONDS)
         self._since_checkpoint += replayed
+        if self._journal.last_seq() < self._applied_seq:
+            # A journal that ends before the checkpoint (restored from a backup older than the
+            # checkpoints, or replaced): new outcomes must be numbered after what the checkpoint
+            # covers, or a later recovery would skip them as learned.
+            log.warning("the journal ends at seq %d, before checkpoint %s (seq %d): it was restored from an "
+                        "older backup or replaced; the outcomes in between are in the model but not in the "
+                        "journal (their event_ids are not recognised as duplicates); new outcomes are "
+                        "numbered from %d", self._journal.last_seq(), info.name if info else "none",
+                        self._applied_seq, self._applied_seq + 1)
+            self._journal.advance_seq(self._applied_seq)
         self._journal_seq = max(self._applied_seq, self._journal.last_seq())
         # What the time did not allow is learned while serving: a span of the journal, like a bulk
         # replay's rows (read back with what live scoring took from their Predicts).
@@ -902,11 +912,35 @@ class ModelOwner:
             self._since_checkpoint = 0
             self._reply(w.future, [info])
         else:  # restore
-            info = self._store.load(self._trainer, check_name(w.payload))
+            name = check_name(w.payload)
+            served, scorer_before = self._trainer.serving_stats.state(), self._scorer.state()
+            info = self._store.load(self._trainer, name)
             self._scorer.load(info.extra.get("live"))
             # Outcomes journaled after that checkpoint (learned or not) are undone by the
             # restore: an automatic checkpoint of the restored model at the journal's head
-            # makes a later recovery agree.
+            # makes a later recovery (and a trainer's rebuild) agree. Until it is written nothing
+            # else changes; if it cannot be, the restore is undone and refused: acknowledged, a
+            # crash would silently bring back the model from before it.
+            head = max(self._journal_seq, self._journal.last_seq())
+            try:
+                self._store.save(self._trainer, None, head, {"live": self._scorer.state()})
+            except Exception as e:
+                self._on_checkpoint("save", False)
+                self._scorer.load(scorer_before)
+                self._trainer.serving_stats.load(served)
+                if not isinstance(e, TrainerDiedError):  # (a dead trainer: the caller replaces and rebuilds it)
+                    applied = self._applied_seq
+                    try:  # the model from before the restore, as a new trainer would rebuild it
+                        self._rebuild(applied, score=False)
+                    finally:
+                        self._applied_seq = applied
+                    self._trainer.serving_stats.load(served)
+                    self._publish()
+                if isinstance(e, StorageError):
+                    raise StorageError(f"restoring {name!r} takes a checkpoint of the restored model, and {e}; "
+                                       "the restore is undone: the model is the one from before it") from e
+                raise
+            self._on_checkpoint("save", True)
             undone = self._backlog.held()
             self._backlog.clear()
             self._answer_duplicates(everything=True)
@@ -914,19 +948,18 @@ class ModelOwner:
             for p in undone:
                 self._reply(p.future, OutcomeAck(False, self._trainer.samples_trained, self._trainer.version,
                                                  p.from_predict, p.seq))
-            self._applied_seq = self._journal_seq = max(self._journal_seq, self._journal.last_seq())
+            self._applied_seq = self._journal_seq = head
             self._schema_ahead = self._trainer.schema
-            self._auto_checkpoint(trainer_death_fails=True)
+            self._since_checkpoint = 0
+            self._prune_journal()
             self._last_checkpoint = info.name
             self._reply(w.future, [info])
 
-    def _auto_checkpoint(self, *, trainer_death_fails: bool = False) -> None:
+    def _auto_checkpoint(self) -> None:
         try:
             info = self._store.save(self._trainer, None, self._applied_seq, {"live": self._scorer.state()})
         except TrainerDiedError as e:
             self._on_checkpoint("save", False)
-            if trainer_death_fails:  # a restore: the rebuilt model would not be the restored one
-                raise
             self._restart_trainer(e)
             return
         except Exception:
@@ -936,7 +969,18 @@ class ModelOwner:
         self._on_checkpoint("save", True)
         self._last_checkpoint = info.name
         self._since_checkpoint = 0
-        self._journal.prune(self._applied_seq)
+        self._prune_journal()
+
+    def _prune_journal(self) -> None:
+        """Prune the journal (server/journal.py Journal.prune) down to what the oldest automatic
+        checkpoint kept covers: a recovery that finds the newer ones unusable falls back to it and
+        learns the journal after it, which must still be there."""
+        oldest = min((i.applied_seq for i in self._store.list() if i.name.startswith(AUTO_PREFIX)),
+                     default=self._applied_seq)
+        try:
+            self._journal.prune(min(oldest, self._applied_seq))
+        except Exception:  # noqa: BLE001 - pruning waits for the next checkpoint
+            log.exception("pruning the journal failed; it is tried again after the next checkpoint")
 
 
 def _refuse(fut: Future | None, e: BaseException) -> None:

@@ -40,7 +40,7 @@ from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 
 from .errors import (CheckpointError, CheckpointNotFoundError, ClientGoneError, ConfigError, DeadlineExpiredError,
                      FusionError, FusionInputError, IncompatibleCheckpointError, NotReadyError, OverloadedError,
-                     ShuttingDownError, TrainerDiedError, UnknownEventError)
+                     ShuttingDownError, StorageError, TrainerDiedError, UnknownEventError)
 from .events import (MAX_EVENT_ID_LENGTH, MAX_EXPERTS, MAX_FEATURE_ABS, MAX_FEATURES, MAX_NAME_LENGTH,
                      PROB_SUM_TOLERANCE, Expert, parse_event_id, parse_expert_fields, parse_features)
 from .inference import Event, Prediction
@@ -67,6 +67,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
     (TrainerDiedError, grpc.StatusCode.UNAVAILABLE),
+    (StorageError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ClientGoneError, grpc.StatusCode.CANCELLED),
 )

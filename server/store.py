@@ -8,6 +8,7 @@ Automatic checkpoints are named "auto-<generation>" and only the newest `keep` o
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import MODEL_FILE, STATE_FILE
-from .errors import CheckpointError, CheckpointNotFoundError, FusionInputError
+from .errors import CheckpointError, CheckpointNotFoundError, FusionInputError, StorageError
 
 if TYPE_CHECKING:  # or a trainer (server/trainer.py), which has the same save and load
     from .fusion import TransformerFusion
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # or a trainer (server/trainer.py), which has the same save a
 log = logging.getLogger("titan_fusion.server.store")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 AUTO_PREFIX = "auto-"
+# a checkpoint write that failed because of the disk, not the model: StorageError (UNAVAILABLE)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT})
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,13 @@ class CheckpointStore:
         name = f"{AUTO_PREFIX}{generation:08d}" if auto else name
         path = self.path_for(name)
         created = datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="milliseconds")
-        fusion.save(path, extra={**(extra or {}), "generation": generation, "applied_seq": applied_seq,
-                                 "created_at": created, "name": name})
+        try:
+            fusion.save(path, extra={**(extra or {}), "generation": generation, "applied_seq": applied_seq,
+                                     "created_at": created, "name": name})
+        except OSError as e:  # the write is atomic (server/checkpoint.py): nothing of it is left
+            if e.errno in STORAGE_ERRNOS:
+                raise StorageError(f"checkpoint {name!r} cannot be written in {self.root}: {e}") from e
+            raise
         if auto:
             for old in [i for i in self.list() if i.name.startswith(AUTO_PREFIX)][self.keep:]:
                 shutil.rmtree(self.root / old.name, ignore_errors=True)

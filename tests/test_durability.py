@@ -274,3 +274,164 @@ def test_remembering_predictions_is_one_transaction_a_call(tmp_path, stream):
     assert j.prune_predictions() == 20 and j.count_predictions() == 10
     assert statements[0] == "BEGIN IMMEDIATE" and statements[-2:] == ["COMMIT", "SELECT COUNT(*) FROM predictions"]
     j.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A disk that cannot be written, a journal older than the checkpoints, retention and fallback
+# ---------------------------------------------------------------------------------------------
+
+def test_the_journal_numbers_new_outcomes_after_an_advanced_seq(tmp_path, stream):
+    ev = Event.parse(*next(stream(48, 1))[:2])
+    empty = Journal(tmp_path / "empty.sqlite3")
+    empty.advance_seq(10)  # nothing journaled yet
+    assert empty.last_seq() == 10 and empty.append_outcomes([("a", ev, 1)]) == [11]
+    empty.close()
+    j = Journal(tmp_path / "j.sqlite3")
+    assert j.append_outcomes([("a", ev, 1), ("b", ev, 0)]) == [1, 2]
+    j.advance_seq(40)
+    j.advance_seq(5)  # never backwards
+    assert j.append_outcomes([("c", ev, 1), ("a", ev, 0)]) == [41, None]
+    j.close()
+
+
+def test_a_full_disk_refuses_outcomes_with_unavailable_and_a_retry_learns_them_once(tmp_path, stream):
+    """A real SQLITE_FULL (the journal's page count capped where it stands): the outcomes are not
+    journaled, the caller gets UNAVAILABLE saying why, the model is unchanged and Predict answers;
+    once there is room again the same rows are learned, once."""
+    from titan_fusion.client import UnavailableError
+    data = tmp_path / "data"
+    svc, client = _start(data, checkpoint_every=0)
+    try:
+        for i, (e, f, d) in enumerate(stream(49, 25)):
+            client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}")
+        before = client.stats()
+        probe = [client.predict(e, f).prob_up for e, f, _ in stream(50, 3)]
+        client.checkpoint_list()  # the owner is idle: the test thread may use its connection
+        db = svc.journal._db
+        db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"bulk-{i}"}
+                for i, (e, f, d) in enumerate(stream(51, 300))]
+        with pytest.raises(UnavailableError) as info:
+            client.record_outcomes(rows, timeout=30)
+        assert "cannot be written" in str(info.value) and "full" in str(info.value)
+        assert [client.predict(e, f).prob_up for e, f, _ in stream(50, 3)] == probe
+        after = client.stats()
+        assert (after["samples_trained"], after["service"]["journal_sequence"]) == (
+            before["samples_trained"], before["service"]["journal_sequence"])
+        db.execute("PRAGMA max_page_count = 1073741823")
+        assert client.record_outcomes(rows, timeout=30).accepted == 300
+        assert client.record_outcomes(rows, timeout=30).duplicates == 300
+    finally:
+        client.close()
+        svc.stop(grace=1)
+
+
+def test_a_restore_whose_checkpoint_cannot_be_written_is_undone_and_refused(tmp_path, stream, monkeypatch):
+    """Acknowledged, such a restore would be silently undone by the next recovery (which starts
+    from the newest checkpoint, from before it): it is refused, and the model stays as it was."""
+    import errno
+
+    import grpc
+
+    from titan_fusion.client.pb import fusion_pb2 as pb
+    from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+    from titan_fusion.server.trainer import TrainerProcess
+    data = tmp_path / "data"
+    svc, client = _start(data, checkpoint_every=0)
+    events = list(stream(52, 40))
+    probes = list(stream(53, 5))
+    try:
+        for i, (e, f, d) in enumerate(events[:25]):
+            client.record_outcome(e, f, actual_direction=d, event_id=f"a-{i}")
+        client.checkpoint_save("a")
+        at_a = [client.predict(e, f).prob_up for e, f, _ in probes]
+        for i, (e, f, d) in enumerate(events[25:]):
+            client.record_outcome(e, f, actual_direction=d, event_id=f"b-{i}")
+        before, state = [client.predict(e, f).prob_up for e, f, _ in probes], client.stats()
+        save = TrainerProcess.save
+
+        def disk_full(self, path, extra=None):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        monkeypatch.setattr(TrainerProcess, "save", disk_full)
+        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+            stub = pb_grpc.FusionServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Checkpoint(pb.CheckpointRequest(action=pb.CheckpointRequest.ACTION_RESTORE, name="a"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "restore is undone" in info.value.details() and "No space left" in info.value.details()
+        assert [client.predict(e, f).prob_up for e, f, _ in probes] == before
+        now = client.stats()
+        assert {k: now[k] for k in ("samples_trained", "train_steps")} == {k: state[k] for k in ("samples_trained", "train_steps")}
+        assert client.record_outcome(*events[30][:2], actual_direction=events[30][2], event_id="b-5").duplicate
+        monkeypatch.setattr(TrainerProcess, "save", save)
+        assert client.checkpoint_restore("a", timeout=30).samples_trained == 25
+        assert [client.predict(e, f).prob_up for e, f, _ in probes] == at_a
+    finally:
+        client.close()
+        svc.stop(grace=1)
+
+
+def test_a_journal_older_than_the_checkpoints_numbers_new_outcomes_after_them(tmp_path, stream, caplog):
+    """A journal restored from a backup taken before the checkpoints: new outcomes get seqs past
+    what the newest checkpoint covers, so that a crash afterwards does not skip them."""
+    import sqlite3
+    data = tmp_path / "data"
+    events = list(stream(54, 75))
+    probes = list(stream(55, 5))
+    svc, client = _start(data, checkpoint_every=0)
+    for i, (e, f, d) in enumerate(events[:40]):
+        client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}")
+    client.checkpoint_list()
+    backup = sqlite3.connect(tmp_path / "backup.sqlite3")
+    with sqlite3.connect(data / "journal.sqlite3") as live:
+        live.backup(backup)
+    backup.close()
+    for i, (e, f, d) in enumerate(events[40:60], start=40):
+        client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}")
+    client.close()
+    svc.stop(grace=1)  # a checkpoint at seq 60
+    for suffix in ("", "-wal", "-shm"):
+        (data / f"journal.sqlite3{suffix}").unlink(missing_ok=True)
+    (tmp_path / "backup.sqlite3").rename(data / "journal.sqlite3")  # ends at seq 40
+
+    svc, client = _start(data, checkpoint_every=0)
+    assert any("the journal ends at seq 40" in r.message for r in caplog.records)
+    for i, (e, f, d) in enumerate(events[60:], start=60):
+        assert not client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}").duplicate
+    assert client.stats()["samples_trained"] == 75
+    served = [client.predict(e, f).prob_up for e, f, _ in probes]
+    client.close()
+    svc.owner.stop(checkpoint=False)  # as after a crash: the checkpoint at 60 and the journal
+    svc.stop(grace=0)
+
+    svc, client = _start(data, checkpoint_every=0)
+    try:
+        assert client.stats()["samples_trained"] == 75  # not 60: outcomes 61-75 were replayed
+        assert [client.predict(e, f).prob_up for e, f, _ in probes] == served
+        e, f, d = events[70]
+        assert client.record_outcome(e, f, actual_direction=d, event_id="ev-70").duplicate
+    finally:
+        client.close()
+        svc.stop(grace=1)
+
+
+def test_retention_keeps_what_a_fallback_to_the_oldest_automatic_checkpoint_needs(tmp_path, stream):
+    data = tmp_path / "data"
+    events = list(stream(56, 60))
+    svc, client = _start(data, checkpoint_every=20, checkpoints_keep=3, journal_keep_outcomes=5)
+    for i, (e, f, d) in enumerate(events):
+        client.record_outcome(e, f, actual_direction=d, event_id=f"ev-{i}")
+    probes = [client.predict(e, f).prob_up for e, f, _ in stream(57, 5)]
+    client.close()
+    svc.stop(grace=1)
+    autos = sorted(p.name for p in (data / "checkpoints").iterdir())
+    assert len(autos) == 3, autos  # at 20, 40 and 60 outcomes
+    for name in autos[1:]:  # the two newest unusable: back to the one at 20
+        (data / "checkpoints" / name / MODEL_FILE).write_bytes(b"garbage")
+    svc, client = _start(data, checkpoint_every=20, checkpoints_keep=3, journal_keep_outcomes=5)
+    try:
+        assert client.stats()["samples_trained"] == 60
+        assert [client.predict(e, f).prob_up for e, f, _ in stream(57, 5)] == probes
+    finally:
+        client.close()
+        svc.stop(grace=1)
