@@ -19,19 +19,24 @@ warning on the "titan_fusion.client" logger and counts it in `fallback_count`. A
 always gets a forecast when the service is down; with `fallback=False` it gets the
 `TransportError` instead. The fallback never hides an answer of the service: INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED and every other `ServerError` are raised, as is `ClientClosedError`.
-A forecast served locally is not known to the service, so a later `record_outcome()` for that
-candle must carry the experts rather than only its event_id (`update()` always does).
+A forecast served locally is not known to the service: the client keeps its inputs (the last
+KEPT_PREDICTIONS predictions with an event_id), and a later `record_outcome()` that sends only that
+event_id sends them along. The same inputs are sent again when the service answers NOT_FOUND for
+an event_id that this client predicted (the service could not keep them: its disk was full, say,
+or it was replaced).
 
-Retries (`record_outcome()`, `update()`). An outcome is retried after UNAVAILABLE or
-DEADLINE_EXCEEDED, up to `retries` more times with a short exponential backoff (0.05 s, doubling,
-at most 1 s), ONLY when it has an `event_id`. The service de-duplicates outcomes by event_id, so a
+Retries (`record_outcome()`, `update()`). An outcome is retried after UNAVAILABLE,
+DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a full queue), at least `retries` more times with a short
+exponential backoff (0.05 s, doubling, at most 1 s), and for as long as `(retries + 1) * timeout`
+seconds since the first attempt allow (a service that answers "starting" at once is retried until
+then, not four times in 0.4 s), ONLY when it has an `event_id`. The service de-duplicates outcomes by event_id, so a
 retry can never teach the model the same candle twice; when an earlier attempt was recorded but
 its answer was lost, the retry comes back `duplicate=True`, which is a success. Without an
 event_id a lost answer cannot be told apart from a lost request, and a retry could train twice,
 so the first error is raised. Retries wait for the channel to be ready (within their deadline)
 instead of failing at once while gRPC waits to reconnect. Outcomes never fall back: when every
-attempt fails, the last `TransportError` is raised, and it is the caller's to keep the outcome
-and report it later (with its event_id, that is safe).
+attempt fails, the last error (a `TransportError`, or `ResourceExhaustedError`) is raised, and it
+is the caller's to keep the outcome and report it later (with its event_id, that is safe).
 
 Errors. Every failure of a call is a `FusionClientError` (see `titan_fusion.client.errors` for the
 tree); gRPC's `RpcError` is translated in one place, `FusionClient._invoke`. Mistakes that the client
@@ -64,6 +69,8 @@ from titan_fusion.client import convert
 from titan_fusion.client.convert import BulkResult, CheckpointInfo, OutcomeAck, Prediction
 from titan_fusion.client.errors import (
     ClientClosedError,
+    NotFoundError,
+    ResourceExhaustedError,
     ServerError,
     TransportError,
     from_rpc_error,
@@ -73,6 +80,7 @@ from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
 
 __all__ = [
     "FusionClient",
+    "KEPT_PREDICTIONS",
     "KEEPALIVE_OPTIONS",
     "SERVER_KEEPALIVE_OPTIONS",
     "MAX_MESSAGE_BYTES",
@@ -131,6 +139,10 @@ BULK_MESSAGE_BYTES = 256 * 1024
 _BACKOFF_INITIAL = 0.05  # seconds before the first retry of an outcome
 _BACKOFF_MAX = 1.0
 
+#: How many predictions with an event_id the client keeps the inputs of (the oldest go first), so
+#: that `record_outcome()` by event_id alone can send them when the service does not have them.
+KEPT_PREDICTIONS = 4096
+
 
 def _merge_options(
     defaults: Iterable[tuple[str, Any]], overrides: Mapping[str, Any] | Iterable[tuple[str, Any]] | None
@@ -172,11 +184,21 @@ def tls_credentials(
 
 
 def _check_event_id(event_id: Any) -> str:
+    """None -> "" (no event_id on the wire); an empty str is refused, as in-process: it would turn
+    off de-duplication and retries without a word."""
     if event_id is None:
         return ""
     if not isinstance(event_id, str):
         raise TypeError(f"event_id must be a str or None, got {type(event_id).__name__}")
+    if not event_id:
+        raise ValueError("event_id must be a non-empty string, or None for no event_id")
     return event_id
+
+
+def _check_timeout(timeout: Any) -> None:
+    if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                    and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
 def _bulk_direction(value: Any) -> int:
@@ -261,6 +283,8 @@ class FusionClient:
         self._closed = False
         self._lock = threading.Lock()
         self._fallback_count = 0
+        # event_id -> (the Predict's request, served by the local fallback), oldest first
+        self._kept: dict[str, tuple[pb.PredictRequest, bool]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -296,15 +320,19 @@ class FusionClient:
     # -- the one boundary between gRPC and the client's errors ---------------------------------
 
     def _invoke(
-        self, method: str, request: Any, timeout: float | None, *, wait_for_ready: bool | None = None
+        self, method: str, request: Any, timeout: float | None, *, wait_for_ready: bool | None = None,
+        none_means_no_deadline: bool = False,
     ) -> Any:
         if self._closed:
             raise ClientClosedError()
+        _check_timeout(timeout)
+        if timeout is None and not none_means_no_deadline:
+            timeout = self.timeout
         rpc = getattr(self._stub, method)
         try:
             return rpc(
                 request,
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=timeout,
                 metadata=self._metadata,
                 wait_for_ready=wait_for_ready,
             )
@@ -354,6 +382,8 @@ class FusionClient:
                 prediction = convert.local_average(forecasts, event_id=event_id)
             except ValueError as bad:
                 raise ValueError(f"fusion service unreachable and no local average: {bad}") from err
+            if request.event_id:
+                self._keep(request, local=True)
             with self._lock:
                 self._fallback_count += 1
                 count = self._fallback_count
@@ -363,7 +393,16 @@ class FusionClient:
                 self.target, err.code.name, err.details, len(forecasts), count,
             )
             return prediction
+        if request.event_id:
+            self._keep(request, local=False)
         return convert.prediction_from_proto(response)
+
+    def _keep(self, request: pb.PredictRequest, *, local: bool) -> None:
+        with self._lock:
+            self._kept.pop(request.event_id, None)  # a candle predicted again: the latest wins
+            self._kept[request.event_id] = (request, local)
+            while len(self._kept) > KEPT_PREDICTIONS:
+                del self._kept[next(iter(self._kept))]
 
     def record_outcome(
         self,
@@ -376,10 +415,13 @@ class FusionClient:
     ) -> OutcomeAck:
         """Report how a candle closed ("UP" or "DOWN"); the service learns from it.
 
-        Send the same experts and features as the candle's `predict()`, or only the `event_id` of
-        a `predict()` that the service answered (not one served by the local fallback). With an
-        event_id the call is idempotent and retried after UNAVAILABLE/DEADLINE_EXCEEDED (up to
-        `retries` times); without one it is tried once, because a retry could train twice.
+        Send the same experts and features as the candle's `predict()`, or only its `event_id`:
+        the service then takes the inputs it kept from that Predict, or, for one served by the
+        local fallback (or one the service answers NOT_FOUND for), this client sends the inputs it
+        kept (the last KEPT_PREDICTIONS predictions with an event_id). With an event_id the call
+        is idempotent and retried after UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED
+        (see the module's docstring); without one it is tried once, because a retry could train
+        twice.
 
         >>> with FusionClient("127.0.0.1:1") as fusion:
         ...     fusion.record_outcome([{"prob_up": 0.6}], actual_direction="SIDEWAYS")
@@ -394,27 +436,47 @@ class FusionClient:
             raise ValueError(
                 "record_outcome() needs the experts, or the event_id of an earlier predict()"
             )
+        _check_timeout(timeout)
         request = pb.RecordOutcomeRequest(
             experts=forecasts,
             features=convert.to_features(features),
             event_id=event_id,
             actual_direction=direction,
         )
-        attempts = 1 + (self.retries if event_id else 0)
+        with self._lock:
+            kept = self._kept.get(event_id) if event_id and not forecasts else None
+        if kept is not None and kept[1]:  # served by the local fallback: the service never saw it
+            request.experts.extend(kept[0].experts)
+            request.features.update(kept[0].features)
+        retries = self.retries if event_id else 0
+        budget = (retries + 1) * (self.timeout if timeout is None else timeout)
+        started = time.monotonic()
         delay = _BACKOFF_INITIAL
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 # A retry waits (within its deadline) for the channel to reconnect, instead of
                 # failing at once during gRPC's reconnect backoff.
                 response = self._invoke(
                     "RecordOutcome", request, timeout, wait_for_ready=True if attempt > 1 else None
                 )
-            except TransportError as err:
-                if attempt == attempts:
+            except NotFoundError:
+                if kept is None or request.experts:
                     raise
+                # the service does not have that Predict's inputs any more: send this client's
+                logger.warning("record_outcome(event_id=%r): the service does not have the Predict's inputs; "
+                               "sending the ones this client kept", event_id)
+                request.experts.extend(kept[0].experts)
+                request.features.update(kept[0].features)
+                attempt -= 1
+                continue
+            except (TransportError, ResourceExhaustedError) as err:
+                if not event_id or (attempt > retries and time.monotonic() - started + delay >= budget):
+                    raise  # (without an event_id a retry could train twice)
                 logger.warning(
-                    "record_outcome(event_id=%r) attempt %d/%d failed (%s: %s); retrying in %.2f s",
-                    event_id, attempt, attempts, err.code.name, err.details, delay,
+                    "record_outcome(event_id=%r) attempt %d failed (%s: %s); retrying in %.2f s",
+                    event_id, attempt, err.code.name, err.details, delay,
                 )
                 time.sleep(delay)
                 delay = min(2 * delay, _BACKOFF_MAX)
@@ -424,8 +486,10 @@ class FusionClient:
                     "record_outcome(event_id=%r): duplicate on attempt %d, so an earlier attempt "
                     "was recorded and its answer lost", event_id, attempt,
                 )
+            if event_id:
+                with self._lock:
+                    self._kept.pop(event_id, None)
             return convert.outcome_ack_from_proto(response, attempts=attempt)
-        raise AssertionError("unreachable")  # the loop returns or raises
 
     def record_outcomes(self, outcomes: Iterable[Mapping[str, Any]], *, timeout: float | None = 3600.0,
                         rows_per_message: int = BULK_ROWS_PER_MESSAGE,
@@ -439,7 +503,7 @@ class FusionClient:
         index, the others accepted. Not retried: re-run it with the same event_ids instead
         (duplicates are acknowledged, not learned twice, as far back as the service's
         `journal_keep_outcomes`: 100,000 outcomes by default). `timeout` bounds the whole stream
-        (default one hour).
+        (default one hour; None: no deadline).
 
         The rows travel up to `rows_per_message` to a message and under `max_message_bytes`
         (RecordOutcomeBatches, which needs a server of this version or later: an older one gets
@@ -449,6 +513,7 @@ class FusionClient:
         """
         if rows_per_message < 1 or max_message_bytes < 1:
             raise ValueError("rows_per_message and max_message_bytes must be >= 1")
+        _check_timeout(timeout)
         failed: list[Exception] = []
 
         def batches() -> Iterable[pb.RecordOutcomeBatch]:
@@ -474,7 +539,7 @@ class FusionClient:
                 yield batch
 
         try:
-            response = self._invoke("RecordOutcomeBatches", batches(), timeout)
+            response = self._invoke("RecordOutcomeBatches", batches(), timeout, none_means_no_deadline=True)
         except ServerError as e:
             if e.code is grpc.StatusCode.UNIMPLEMENTED:
                 raise ServerError("the service does not implement RecordOutcomeBatches: it is older than "

@@ -116,8 +116,8 @@ def _getter(item: Any) -> Callable[[str], Any]:
 def _as_float(value: Any, where: str) -> float:
     if type(value) is float:  # the common case, first
         return value
-    if isinstance(value, bool):  # a bool is an int to Python, never a probability
-        raise TypeError(f"{where} must be a number, got {value!r}")
+    if isinstance(value, (bool, str, bytes)):  # a bool is an int to Python, never a probability;
+        raise TypeError(f"{where} must be a number, got {value!r}")  # "0.6" is refused in-process too
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -182,7 +182,12 @@ def to_features(features: Mapping[str, float] | None) -> dict[str, float]:
         raise TypeError(
             f"features must be a mapping of name to number, got {type(features).__name__}"
         )
-    return {str(k): _as_float(v, f"features[{k!r}]") for k, v in features.items()}
+    out = {}
+    for k, v in features.items():
+        if not isinstance(k, str):  # str(k) could merge 1 and "1" into one feature
+            raise TypeError(f"feature names must be str, got {k!r}")
+        out[k] = _as_float(v, f"features[{k!r}]")
+    return out
 
 
 def to_direction(actual_direction: Any) -> int:

@@ -91,7 +91,11 @@ class ServerError(FusionClientError):
     """The service answered with an error status. Raised as is for codes without a subclass."""
 
 
-class InvalidArgumentError(ServerError):
+class InvalidArgumentError(ServerError, ValueError):
+    """The service refused the request's content; the message names the field. Also a ValueError,
+    as the in-process class's FusionInputError is, so that `except ValueError` around
+    `forward()`/`update()` works with either."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from titan_fusion.client import FusionClient, TransportError
+from titan_fusion.client import FusionClient, ResourceExhaustedError, ServerError, TransportError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "BTC-USD-15-MIN.csv"
 CONFIG = {"fusion.min_samples": 200}  # the original's config store, with its dotted names
@@ -135,9 +135,11 @@ class Ensemble:
             outputs, features, direction, key = self.pending[0]
             try:
                 self.fusion.update(outputs, features, direction, event_id=key)
-            except TransportError as err:  # only the remote fusion raises it; resend next candle
-                print(f"outcome {key} not delivered ({err}); {len(self.pending)} pending")
+            except (TransportError, ResourceExhaustedError) as err:  # the service is down or busy:
+                print(f"outcome {key} not delivered ({err}); {len(self.pending)} pending")  # next candle
                 return
+            except (ServerError, ValueError) as err:  # refused for good (bad inputs, in-process too):
+                print(f"outcome {key} refused ({err}); dropped")  # resending cannot help
             self.pending.pop(0)
 
 

@@ -291,6 +291,18 @@ def test_record_outcomes_sends_the_rows_before_one_it_cannot_convert_then_raises
     assert client.stats()["service"]["journal_sequence"] == 550
 
 
+def test_record_outcomes_without_a_timeout_has_no_deadline(service, stream):
+    """timeout=None: the stream may take longer than the client's per-call default (0.3 s here)."""
+    _, _, port = service
+
+    def slowly():
+        for i, (e, f, d) in enumerate(stream(67, 3)):
+            time.sleep(0.4)
+            yield {"experts": e, "features": f, "actual_direction": d, "event_id": f"slow{i}"}
+    with FusionClient(f"127.0.0.1:{port}", timeout=0.3, fallback=False) as quick:
+        assert quick.record_outcomes(slowly(), timeout=None).accepted == 3
+
+
 def test_record_outcomes_against_a_server_without_the_batched_stream_says_so(tmp_path):
     """A real gRPC server that does not implement RecordOutcomeBatches (as an older service)."""
     from concurrent import futures

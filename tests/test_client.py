@@ -340,17 +340,105 @@ def test_outcome_without_event_id_is_not_retried(service):
     assert len(service.calls["RecordOutcome"]) == 1
 
 
-def test_outcome_with_event_id_is_retried_retries_times(service):
+def test_outcome_with_event_id_is_retried_retries_times_and_within_its_time_budget(service):
+    """A service that answers UNAVAILABLE at once ("starting") is retried with a doubling backoff
+    until (retries + 1) * timeout has passed, not `retries` times in a fraction of a second."""
     service.behaviour["RecordOutcome"] = abort(grpc.StatusCode.UNAVAILABLE, "restarting")
-    with FusionClient(service.target, retries=3) as fusion:
+    with FusionClient(service.target, retries=3, timeout=0.2) as fusion:
         started = time.monotonic()
         with pytest.raises(UnavailableError, match="restarting"):
             fusion.update(EXPERTS, {"close": 50000.0}, "DOWN", event_id="BTC:15m:7")
         elapsed = time.monotonic() - started
     sent = service.calls["RecordOutcome"]
-    assert len(sent) == 1 + 3  # the first attempt and three retries, all of the same request
+    # 0, 0.05, 0.15, 0.35, 0.75 s: one more after the three retries, while the 0.8 s allow it
+    assert len(sent) == 5
     assert all(r == sent[0] for r in sent) and sent[0].event_id == "BTC:15m:7"
-    assert 0.05 + 0.1 + 0.2 <= elapsed < 2.0  # exponential backoff, small
+    assert 0.05 + 0.1 + 0.2 + 0.4 <= elapsed < 0.8 + 0.5
+
+
+def test_outcome_retries_outlast_a_service_that_is_starting(service):
+    started = time.monotonic()
+
+    def starting_then_ok(request, context):
+        if time.monotonic() - started < 1.0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the service is starting")
+        return pb.RecordOutcomeResponse(samples_trained=7)
+    service.behaviour["RecordOutcome"] = starting_then_ok
+    with FusionClient(service.target, retries=3, timeout=0.5) as fusion:
+        ack = fusion.record_outcome(EXPERTS, actual_direction="UP", event_id="BTC:15m:8")
+    assert ack.samples_trained == 7 and ack.attempts == len(service.calls["RecordOutcome"]) > 4
+
+
+def test_a_full_queue_is_retried_for_an_outcome_with_an_event_id_only(service):
+    full = abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the model owner's queue is full")
+    service.behaviour["RecordOutcome"] = in_turn(full, respond(pb.RecordOutcomeResponse(samples_trained=3)))
+    with FusionClient(service.target) as fusion:
+        assert fusion.record_outcome(EXPERTS, actual_direction="UP", event_id="e-9").attempts == 2
+    service.behaviour["RecordOutcome"] = full
+    with FusionClient(service.target) as fusion:
+        with pytest.raises(ResourceExhaustedError):
+            fusion.record_outcome(EXPERTS, actual_direction="UP")
+    assert len(service.calls["RecordOutcome"]) == 3
+
+
+def test_an_outcome_by_event_id_carries_the_inputs_of_a_forecast_served_locally(dead_target, service):
+    """The quickstart's pattern (predict with an event_id, then record_outcome with only the event_id)
+    survives a Predict that the service never saw: the client kept its inputs and sends them."""
+    service.behaviour["RecordOutcome"] = respond(pb.RecordOutcomeResponse(samples_trained=1))
+    with FusionClient(dead_target, timeout=0.2) as fusion:
+        p = fusion.predict(EXPERTS, {"close": 50000.0}, event_id="BTC:15m:9")
+        assert p.reason == "unavailable"
+        fusion._stub = FusionClient(service.target)._stub  # the service is back (same client)
+        fusion.record_outcome(actual_direction="UP", event_id="BTC:15m:9")
+        fusion.record_outcome(actual_direction="UP", event_id="BTC:15m:10")  # never predicted here
+    first, second = service.calls["RecordOutcome"]
+    assert [e.prob_up for e in first.experts] == [e["prob_up"] for e in EXPERTS]
+    assert dict(first.features) == {"close": 50000.0} and first.event_id == "BTC:15m:9"
+    assert not second.experts and second.event_id == "BTC:15m:10"
+
+
+def test_an_outcome_by_event_id_the_service_lost_is_sent_again_with_the_kept_inputs(service):
+    service.behaviour["Predict"] = respond(pb.PredictResponse(prob_up=0.6, prob_down=0.4))
+
+    def by_id_unknown(request, context):
+        if not request.experts:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"event_id: no Predict with event_id {request.event_id!r}")
+        return pb.RecordOutcomeResponse(samples_trained=2)
+    service.behaviour["RecordOutcome"] = by_id_unknown
+    with FusionClient(service.target) as fusion:
+        fusion.predict(EXPERTS, {"rsi": 55.0}, event_id="BTC:15m:11")
+        assert fusion.record_outcome(actual_direction="DOWN", event_id="BTC:15m:11").samples_trained == 2
+        with pytest.raises(NotFoundError):  # nothing kept for it: the service's answer stands
+            fusion.record_outcome(actual_direction="DOWN", event_id="BTC:15m:12")
+    by_id, with_inputs, unknown = service.calls["RecordOutcome"]
+    assert not by_id.experts and len(with_inputs.experts) == 4 and dict(with_inputs.features) == {"rsi": 55.0}
+    assert not unknown.experts
+
+
+def test_the_client_keeps_the_inputs_of_the_last_kept_predictions_only(dead_target, monkeypatch):
+    monkeypatch.setattr(client_module, "KEPT_PREDICTIONS", 3)
+    with FusionClient(dead_target, timeout=0.2) as fusion:
+        for i in range(5):
+            fusion.predict(EXPERTS, event_id=f"e-{i}")
+        assert list(fusion._kept) == ["e-2", "e-3", "e-4"]
+
+
+def test_client_side_checks_match_the_in_process_class(service):
+    """What TransformerFusion refuses, the client refuses before sending: numbers as strings,
+    feature names that are not str, an empty event_id; and a per-call timeout must be positive.
+    The service's INVALID_ARGUMENT is a ValueError, as FusionInputError is in-process."""
+    with FusionClient(service.target) as fusion:
+        with pytest.raises(TypeError, match=r"experts\[0\]\.prob_up must be a number"):
+            fusion.forward([{"prob_up": "0.6"}])
+        with pytest.raises(TypeError, match="feature names must be str"):
+            fusion.forward(EXPERTS, {1: 2.0})
+        with pytest.raises(ValueError, match="event_id must be a non-empty string"):
+            fusion.update(EXPERTS, actual_direction="UP", event_id="")
+        for bad in (0, -1.0, True):
+            with pytest.raises(ValueError, match="timeout must be a positive number"):
+                fusion.predict(EXPERTS, timeout=bad)
+    assert service.calls == {}
+    assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError, ServerError)
 
 
 def test_retry_answered_duplicate_after_a_lost_ack_is_a_success(service):
