@@ -8,9 +8,16 @@ model should learn them:
 
 - `event_id`: the candle's key (recommended: a re-run is then idempotent, duplicates are skipped, as
   far back as the service's `journal_keep_outcomes`);
-- `actual_direction`: UP or DOWN (also up/down, 1/0);
-- `expert.<name>`: that expert's prob_up; `confidence.<name>` optional; an empty cell is missing;
+- `actual_direction`: UP or DOWN (also up/down, 1/0; in Parquet also 1.0/0.0 and true/false);
+- `expert.<name>`: that expert's prob_up; `confidence.<name>` optional; an empty cell (or a null,
+  or in Parquet a NaN confidence) is missing;
 - `feature.<name>`: a market feature. Other columns are ignored.
+
+Column names are matched without regard to case or surrounding spaces, and a UTF-8 byte order mark
+(Excel's "CSV UTF-8") is skipped; the names after `expert.`, `confidence.` and `feature.` keep their
+case. A file without an `event_id` column is sent (each row learned once more on every re-run), with
+a warning. The first outcome the service learns fixes its feature names: a first row with an empty
+feature cell fixes them without that feature, and later rows that have it are then refused.
 
 Rows stream over one RecordOutcomeBatches call, many to a message, journaled with RecordOutcome's guarantees; training may
 trail the journal and the command waits for it with `--wait`. Needs grpcio, protobuf and tqdm only.
@@ -28,30 +35,62 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-DIRECTIONS = {"UP": "UP", "DOWN": "DOWN", "1": "UP", "0": "DOWN"}
+DIRECTIONS = {"UP": "UP", "DOWN": "DOWN", "1": "UP", "0": "DOWN", "1.0": "UP", "0.0": "DOWN",
+              "TRUE": "UP", "FALSE": "DOWN"}
+KINDS = ("expert", "confidence", "feature")
+
+
+def column(key: Any) -> tuple[str, str]:
+    """A header cell -> (kind, name): ("event_id", ""), ("expert", "TrendVIC"), ... The kind is
+    matched without regard to case, spaces or a byte order mark; the name keeps its case.
+
+    >>> column("\ufeff Event_ID "), column("Expert.TrendVIC"), column("misc")
+    (('event_id', ''), ('expert', 'TrendVIC'), ('misc', ''))
+    """
+    text = str(key).lstrip("\ufeff").strip()
+    kind, dot, name = text.partition(".")
+    kind = kind.strip().lower()
+    if dot and kind in KINDS:
+        return kind, name.strip()
+    return text.lower(), ""
 
 
 def parse_rows(rows: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
     """CSV/Parquet rows -> outcomes for FusionClient.record_outcomes(). A value that cannot be read
     as a number is sent as NaN, so that the service rejects that row by index, naming the field."""
+    columns: dict[Any, tuple[str, str]] = {}
     for row in rows:
         experts: dict[str, dict[str, Any]] = {}
         features: dict[str, float] = {}
+        event_id: Any = None
+        direction: Any = None
         for key, value in row.items():
+            if key not in columns:
+                columns[key] = column(key)
+            kind, name = columns[key]
             if value is None or value == "":
                 continue
-            kind, _, name = str(key).partition(".")
             if kind == "expert":
                 experts.setdefault(name, {"name": name})["prob_up"] = _number(value)
             elif kind == "confidence":
-                experts.setdefault(name, {"name": name})["confidence"] = _number(value)
+                if not (isinstance(value, float) and value != value):  # Parquet's NaN: missing
+                    experts.setdefault(name, {"name": name})["confidence"] = _number(value)
             elif kind == "feature":
                 features[name] = _number(value)
-        direction = str(row.get("actual_direction", "")).strip()
-        yield {"event_id": str(row.get("event_id") or "") or None,
-               "actual_direction": DIRECTIONS.get(direction.upper(), direction),
+            elif kind == "event_id":
+                event_id = str(value)
+            elif kind == "actual_direction":
+                direction = value
+        yield {"event_id": event_id or None,
+               "actual_direction": _direction(direction),
                "experts": [e for e in experts.values() if "prob_up" in e] or None,
                "features": features}
+
+
+def _direction(value: Any) -> str:
+    """UP/DOWN and their spellings; anything else as it was, for the service to refuse by name."""
+    text = "" if value is None else str(value).strip()
+    return DIRECTIONS.get(text.upper(), text)
 
 
 def _number(value: Any) -> float:
@@ -70,10 +109,19 @@ def read_file(path: Path) -> tuple[Iterator[Mapping[str, Any]], int | None]:
             raise SystemExit("reading Parquet needs pyarrow: pip install pyarrow (or convert the file to CSV)")
         pf = pq.ParquetFile(path)
         return (row for batch in pf.iter_batches() for row in batch.to_pylist()), pf.metadata.num_rows
-    with open(path, newline="") as f:
-        total = max(sum(1 for _ in f) - 1, 0)
-    handle = open(path, newline="")
-    return iter(csv.DictReader(handle)), total
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        total = sum(1 for _ in csv.reader(f)) - 1  # records, not lines (a quoted field may span lines)
+    handle = open(path, newline="", encoding="utf-8-sig")
+    return iter(csv.DictReader(handle)), max(total, 0)
+
+
+def header(path: Path) -> list[str]:
+    """The file's column names (Parquet's schema, CSV's first record)."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f), [])
 
 
 def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None, token=None,
@@ -85,6 +133,10 @@ def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None
     if max_message_bytes is None:  # the client's own default
         max_message_bytes = BULK_MESSAGE_BYTES
     rows, total = read_file(Path(path))
+    kinds = {column(c)[0] for c in header(Path(path))}
+    if "event_id" not in kinds:
+        print(f"warning: {path} has no event_id column: the service cannot tell its rows from earlier ones, so "
+              "running this file again learns every row again", file=sys.stderr)
     started = time.monotonic()
     with FusionClient(target, timeout=timeout, credentials=credentials, token=token) as client:
         bar = tqdm(parse_rows(rows), total=total, unit="outcome", mininterval=0.5)
@@ -93,6 +145,12 @@ def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None
         except FusionClientError as e:
             print(f"\n{target}: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted after reading {bar.n:,} rows: the rows the service had received are journaled "
+                  "(Stats: journal_sequence); run the same file again to send the rest (rows with an event_id "
+                  "already journaled are skipped as duplicates)", file=sys.stderr)
+            return 130
         finally:
             bar.close()
         sent = time.monotonic() - started

@@ -239,6 +239,46 @@ def test_replay_command_sends_a_csv_file(service, stream, tmp_path):
     assert "journaled 0 outcomes (200 duplicates, 1 rejected)" in out.stdout  # a few rows a message: the same
 
 
+def test_replay_reads_headers_as_spreadsheets_write_them_so_a_rerun_is_idempotent(service, stream, tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark; column names in another case or with
+    spaces are the same columns. Missing the event_id column would make every re-run learn the
+    whole file again; a file without one is sent with a warning."""
+    _, client, port = service
+    path = tmp_path / "excel.csv"
+    with open(path, "w", newline="", encoding="utf-8-sig") as fh:
+        w = csv.writer(fh)
+        w.writerow([" Event_ID", "Actual_Direction ", "Expert.good", "EXPERT.noise0", "expert.noise1",
+                    "expert.noise2", "Feature.close", "feature.rsi"])
+        for i, (e, f, d) in enumerate(stream(68, 60)):
+            w.writerow([f"x-{i}", d.lower()] + [x["prob_up"] for x in e] + [f["close"], f["rsi"]])
+    cmd = [sys.executable, "-m", "titan_fusion.server.cli", "replay", str(path), "--target", f"127.0.0.1:{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "journaled 60 outcomes (0 duplicates, 0 rejected)" in out.stdout, out
+    assert "warning" not in out.stderr
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert "journaled 0 outcomes (60 duplicates, 0 rejected)" in out.stdout, out
+    s = _wait_trained(client, 60)
+    assert s["samples_trained"] == 60 and client.stats()["attention"].keys() == {"good", "noise0", "noise1", "noise2"}
+    bare = tmp_path / "no-ids.csv"
+    bare.write_text("actual_direction,expert.good,expert.noise0,expert.noise1,expert.noise2,feature.close,feature.rsi\n"
+                    "UP,0.6,0.5,0.5,0.5,100,50\n")
+    out = subprocess.run(cmd[:4] + [str(bare)] + cmd[5:], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "has no event_id column" in out.stderr, out
+
+
+def test_replay_parses_parquet_values_as_they_come():
+    """pyarrow hands over typed values: an integer event_id (0 included), directions as 1.0/0.0 or
+    booleans, NaN for a missing confidence."""
+    from titan_fusion.server.replay import parse_rows
+    rows = [{"event_id": 0, "actual_direction": 1.0, "expert.a": 0.6, "confidence.a": float("nan"), "expert.b": 0.4},
+            {"event_id": 7, "actual_direction": False, "expert.a": 0.3, "confidence.a": 0.9, "expert.b": None}]
+    assert list(parse_rows(rows)) == [
+        {"event_id": "0", "actual_direction": "UP", "experts": [{"name": "a", "prob_up": 0.6}, {"name": "b", "prob_up": 0.4}],
+         "features": {}},
+        {"event_id": "7", "actual_direction": "DOWN", "experts": [{"name": "a", "prob_up": 0.3, "confidence": 0.9}],
+         "features": {}}]
+
+
 def test_record_outcomes_cuts_messages_by_rows_and_by_size(service, stream, monkeypatch):
     """Rows travel rows_per_message to a message, fewer when the next row would take a message past
     max_message_bytes (a row too big for it goes alone); the answer is the same however they are
