@@ -500,7 +500,9 @@ class FusionClient:
         "event_id" (strongly recommended: it makes a re-run idempotent). The service journals them
         with RecordOutcome's guarantees and answers once all are journaled; training may trail the
         journal (`stats()["service"]["training_lag"]`). Rows the service refuses are reported by
-        index, the others accepted. Not retried: re-run it with the same event_ids instead
+        index, the others accepted. When the stream fails midway (a journal error, its deadline),
+        no row after the failure is journaled, so a re-run journals the missing rows in file order.
+        Not retried: re-run it with the same event_ids instead
         (duplicates are acknowledged, not learned twice, as far back as the service's
         `journal_keep_outcomes`: 100,000 outcomes by default). `timeout` bounds the whole stream
         (default one hour; None: no deadline).

@@ -96,6 +96,15 @@ class OutcomeAck:
     seq: int | None  # journal sequence number; None for a duplicate
 
 
+@dataclass
+class BulkStream:
+    """What the chunks of one RecordOutcomes stream share: once one of them fails (a journal
+    error, a full disk, its deadline), the later ones are refused too, so that a re-run journals
+    the missing rows in their place rather than after rows that came later in the file."""
+
+    failed: BaseException | None = None
+
+
 @dataclass(frozen=True)
 class BulkAck:
     """A RecordOutcomes chunk: per row ("accepted", (index, seq)), ("duplicate", (index, event_id))
@@ -743,18 +752,25 @@ class ModelOwner:
         """RecordOutcomes chunk: convert, validate, journal in one transaction, answer at once
         (before learning: bulk replay lets training trail the journal).
 
-        The payload is (rows, convert): rows [(index, row as received)], and convert(row) ->
+        The payload is (rows, convert, stream): rows [(index, row as received)], convert(row) ->
         ((event, event_id, label), "", None), or (None, event_id, FusionInputError) for a row
-        that is refused. Converting here rather than on the handler thread lets that thread
-        receive the stream's next rows meanwhile."""
+        that is refused, and the stream's BulkStream. Converting here rather than on the handler
+        thread lets that thread receive the stream's next rows meanwhile."""
+        chunk, convert, stream = w.payload
+        if stream.failed is not None:
+            w.future.set_exception(stream.failed)
+            return
+
+        def fail(e: BaseException) -> None:
+            stream.failed = e
+            w.future.set_exception(e)
         if w.deadline is not None and time.monotonic() > w.deadline:
-            w.future.set_exception(DeadlineExpiredError("the deadline passed while the chunk was queued"))
+            fail(DeadlineExpiredError("the deadline passed while the chunk was queued"))
             return
         results: list[tuple[str, Any]] = []
         rows = []
         checked: dict = {}
         validate = self._validate
-        chunk, convert = w.payload
         schema_before = self._schema_ahead  # what validation fixed stands only if the rows are journaled
         validated: set[str] = set()
         try:
@@ -773,12 +789,12 @@ class ModelOwner:
         except Exception as e:  # a bug: the stream fails (INTERNAL), the owner carries on
             log.exception("converting a RecordOutcomes chunk failed")
             self._schema_ahead = schema_before
-            w.future.set_exception(e)
+            fail(e)
             return
         seqs = self._journal_rows([(ev, eid, label, scored) for _, ev, eid, label, scored in rows])
         if isinstance(seqs, Exception):
             self._schema_ahead = schema_before
-            w.future.set_exception(seqs)
+            fail(seqs)
             return
         journaled = []
         for (index, event, event_id, label, scored), seq in zip(rows, seqs):

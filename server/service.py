@@ -47,7 +47,7 @@ from .inference import Event, Prediction
 from .journal import Journal
 from .live import LiveScorer
 from .metrics import Metrics
-from .owner import BulkAck, ModelOwner, OutcomeAck, Predictor, Published
+from .owner import BulkAck, BulkStream, ModelOwner, OutcomeAck, Predictor, Published
 from . import cpus, security
 from .settings import SERVICE_PREFIX, ServiceConfig
 from .store import CheckpointInfo, CheckpointStore, check_name
@@ -302,6 +302,7 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         deadline = _deadline(context)
         resp = pb.RecordOutcomesResponse()
         inflight: deque[futures.Future] = deque()
+        stream = BulkStream()  # a failed chunk fails the stream's later chunks too, at the owner
 
         def collect(fut: futures.Future) -> None:
             ack: BulkAck = _wait(fut, deadline)
@@ -341,12 +342,12 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
             received = index + 1
             chunk.append((index, request))
             if len(chunk) >= BULK_CHUNK:
-                inflight.append(self._owner.submit("bulk", (chunk, bulk_row), deadline, block=True))
+                inflight.append(self._owner.submit("bulk", (chunk, bulk_row, stream), deadline, block=True))
                 chunk = []
                 while len(inflight) > BULK_INFLIGHT:  # back-pressure: at most this many chunks queued
                     collect(inflight.popleft())
         if chunk:
-            inflight.append(self._owner.submit("bulk", (chunk, bulk_row), deadline, block=True))
+            inflight.append(self._owner.submit("bulk", (chunk, bulk_row, stream), deadline, block=True))
         while inflight:
             collect(inflight.popleft())
         self._counters.add("outcomes", resp.accepted)

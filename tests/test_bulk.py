@@ -331,6 +331,37 @@ def test_record_outcomes_sends_the_rows_before_one_it_cannot_convert_then_raises
     assert client.stats()["service"]["journal_sequence"] == 550
 
 
+def test_a_chunk_that_fails_fails_the_rest_of_its_stream_so_a_rerun_keeps_the_file_order(service, stream, monkeypatch):
+    """The second chunk's journal commit fails (an I/O error, say) while the next chunks of the
+    stream are queued behind it: none of them is journaled, so the re-run journals the missing
+    rows in file order."""
+    import sqlite3
+
+    from titan_fusion.client import FusionClientError
+    from titan_fusion.server.journal import Journal
+    from titan_fusion.server.service import BULK_CHUNK
+    svc, client, _ = service
+    append = Journal.append_outcomes
+    calls = []
+
+    def failing_once(self, *args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            time.sleep(0.5)  # the handler queues the stream's next chunks meanwhile
+            raise sqlite3.OperationalError("disk I/O error")
+        return append(self, *args, **kwargs)
+    monkeypatch.setattr(Journal, "append_outcomes", failing_once)
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"ord-{i}"}
+            for i, (e, f, d) in enumerate(stream(69, 5 * BULK_CHUNK))]
+    with pytest.raises(FusionClientError):
+        client.record_outcomes(rows, timeout=60)
+    assert [o.event_id for o in svc.journal.outcomes_after(0)] == [f"ord-{i}" for i in range(BULK_CHUNK)]
+    monkeypatch.setattr(Journal, "append_outcomes", append)
+    result = client.record_outcomes(rows, timeout=60)
+    assert (result.accepted, result.duplicates) == (4 * BULK_CHUNK, BULK_CHUNK)
+    assert [o.event_id for o in svc.journal.outcomes_after(0)] == [f"ord-{i}" for i in range(5 * BULK_CHUNK)]
+
+
 def test_record_outcomes_without_a_timeout_has_no_deadline(service, stream):
     """timeout=None: the stream may take longer than the client's per-call default (0.3 s here)."""
     _, _, port = service
