@@ -222,8 +222,10 @@ class FusionClient:
         Serve the local average of the experts' prob_up from `predict()`/`forward()` when the
         service is unreachable or too slow, instead of raising the `TransportError`.
     retries
-        How many more times `record_outcome()`/`update()` try an outcome that has an event_id
-        after UNAVAILABLE or DEADLINE_EXCEEDED. Outcomes without an event_id are never retried.
+        How many more times, at least, `record_outcome()`/`update()` try an outcome that has an
+        event_id after UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED, and for as long as
+        `(retries + 1) * timeout` seconds allow; 0: never. Outcomes without an event_id are never
+        retried.
     credentials
         `grpc.ChannelCredentials` for TLS, e.g. `tls_credentials(ca_file="ca.pem")` (add
         `cert_file=`/`key_file=` for mutual TLS); plaintext when None.
@@ -472,8 +474,8 @@ class FusionClient:
                 attempt -= 1
                 continue
             except (TransportError, ResourceExhaustedError) as err:
-                if not event_id or (attempt > retries and time.monotonic() - started + delay >= budget):
-                    raise  # (without an event_id a retry could train twice)
+                if not retries or (attempt > retries and time.monotonic() - started + delay >= budget):
+                    raise  # (retries is 0 without an event_id: a retry could train twice)
                 logger.warning(
                     "record_outcome(event_id=%r) attempt %d failed (%s: %s); retrying in %.2f s",
                     event_id, attempt, err.code.name, err.details, delay,
