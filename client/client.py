@@ -25,18 +25,19 @@ event_id sends them along. The same inputs are sent again when the service answe
 an event_id that this client predicted (the service could not keep them: its disk was full, say,
 or it was replaced).
 
-Retries (`record_outcome()`, `update()`). An outcome is retried after UNAVAILABLE,
-DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (a full queue), at least `retries` more times with a short
-exponential backoff (0.05 s, doubling, at most 1 s), and for as long as `(retries + 1) * timeout`
-seconds since the first attempt allow (a service that answers "starting" at once is retried until
-then, not four times in 0.4 s), ONLY when it has an `event_id`. The service de-duplicates outcomes by event_id, so a
+Retries (`record_outcome()`, `update()`). An outcome is retried after UNAVAILABLE or
+DEADLINE_EXCEEDED, at least `retries` more times with a short exponential backoff (0.05 s,
+doubling, at most 1 s), and for as long as `(retries + 1) * timeout` seconds since the first
+attempt allow (a service that answers "starting" at once is retried until then, not four times in
+0.4 s), ONLY when it has an `event_id`. The service de-duplicates outcomes by event_id, so a
 retry can never teach the model the same candle twice; when an earlier attempt was recorded but
 its answer was lost, the retry comes back `duplicate=True`, which is a success. Without an
 event_id a lost answer cannot be told apart from a lost request, and a retry could train twice,
 so the first error is raised. Retries wait for the channel to be ready (within their deadline)
 instead of failing at once while gRPC waits to reconnect. Outcomes never fall back: when every
-attempt fails, the last error (a `TransportError`, or `ResourceExhaustedError`) is raised, and it
-is the caller's to keep the outcome and report it later (with its event_id, that is safe).
+attempt fails, the last `TransportError` is raised; a `ResourceExhaustedError` (the service's
+queue is full) is raised at once. Either way it is the caller's to keep the outcome and report it
+later (with its event_id, that is safe).
 
 Errors. Every failure of a call is a `FusionClientError` (see `titan_fusion.client.errors` for the
 tree); gRPC's `RpcError` is translated in one place, `FusionClient._invoke`. Mistakes that the client
@@ -70,7 +71,6 @@ from titan_fusion.client.convert import BulkResult, CheckpointInfo, OutcomeAck, 
 from titan_fusion.client.errors import (
     ClientClosedError,
     NotFoundError,
-    ResourceExhaustedError,
     ServerError,
     TransportError,
     from_rpc_error,
@@ -223,7 +223,7 @@ class FusionClient:
         service is unreachable or too slow, instead of raising the `TransportError`.
     retries
         How many more times, at least, `record_outcome()`/`update()` try an outcome that has an
-        event_id after UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED, and for as long as
+        event_id after UNAVAILABLE or DEADLINE_EXCEEDED, and for as long as
         `(retries + 1) * timeout` seconds allow; 0: never. Outcomes without an event_id are never
         retried.
     credentials
@@ -421,9 +421,8 @@ class FusionClient:
         the service then takes the inputs it kept from that Predict, or, for one served by the
         local fallback (or one the service answers NOT_FOUND for), this client sends the inputs it
         kept (the last KEPT_PREDICTIONS predictions with an event_id). With an event_id the call
-        is idempotent and retried after UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED
-        (see the module's docstring); without one it is tried once, because a retry could train
-        twice.
+        is idempotent and retried after UNAVAILABLE and DEADLINE_EXCEEDED (see the module's
+        docstring); without one it is tried once, because a retry could train twice.
 
         >>> with FusionClient("127.0.0.1:1") as fusion:
         ...     fusion.record_outcome([{"prob_up": 0.6}], actual_direction="SIDEWAYS")
@@ -473,7 +472,7 @@ class FusionClient:
                 request.features.update(kept[0].features)
                 attempt -= 1
                 continue
-            except (TransportError, ResourceExhaustedError) as err:
+            except TransportError as err:
                 if not retries or (attempt > retries and time.monotonic() - started + delay >= budget):
                     raise  # (retries is 0 without an event_id: a retry could train twice)
                 logger.warning(

@@ -369,16 +369,12 @@ def test_outcome_retries_outlast_a_service_that_is_starting(service):
     assert ack.samples_trained == 7 and ack.attempts == len(service.calls["RecordOutcome"]) > 4
 
 
-def test_a_full_queue_is_retried_for_an_outcome_with_an_event_id_only(service):
-    full = abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the model owner's queue is full")
-    service.behaviour["RecordOutcome"] = in_turn(full, respond(pb.RecordOutcomeResponse(samples_trained=3)))
-    with FusionClient(service.target) as fusion:
-        assert fusion.record_outcome(EXPERTS, actual_direction="UP", event_id="e-9").attempts == 2
-    service.behaviour["RecordOutcome"] = full
+def test_a_full_queue_is_raised_at_once_for_the_caller_to_keep_the_outcome(service):
+    service.behaviour["RecordOutcome"] = abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the model owner's queue is full")
     with FusionClient(service.target) as fusion:
         with pytest.raises(ResourceExhaustedError):
-            fusion.record_outcome(EXPERTS, actual_direction="UP")
-    assert len(service.calls["RecordOutcome"]) == 3
+            fusion.record_outcome(EXPERTS, actual_direction="UP", event_id="e-9")
+    assert len(service.calls["RecordOutcome"]) == 1
 
 
 def test_an_outcome_by_event_id_carries_the_inputs_of_a_forecast_served_locally(dead_target, service):
