@@ -640,10 +640,13 @@ class ModelOwner:
     def _answer(self) -> None:
         """Resolve the batch's futures, after its snapshot is published (read-your-writes)."""
         replies, self._replies = self._replies, []
+        t = self._trainer
         for fut, result, error in replies:
             if error is not None:
                 fut.set_exception(error)
             else:
+                if isinstance(result, _Duplicate):  # it reports the model as it now stands
+                    result = OutcomeAck(True, t.samples_trained, t.version, result.from_predict, None)
                 fut.set_result(result)
 
     # ------------------------------------------------------------------ outcomes
@@ -857,10 +860,6 @@ class ModelOwner:
             except TrainerDiedError as e:
                 self._restart_trainer(e)
             self._snapshot_at = time.monotonic()
-        # a duplicate answered in this batch reports the model as it now stands
-        t = self._trainer
-        self._replies = [(fut, OutcomeAck(True, t.samples_trained, t.version, r.from_predict, None)
-                          if isinstance(r, _Duplicate) else r, err) for fut, r, err in self._replies]
 
     def _answer_duplicates(self, everything: bool = False) -> None:
         """Answer the duplicates whose original is learned now (or all of them), as duplicates."""

@@ -362,6 +362,18 @@ def test_a_chunk_that_fails_fails_the_rest_of_its_stream_so_a_rerun_keeps_the_fi
     assert [o.event_id for o in svc.journal.outcomes_after(0)] == [f"ord-{i}" for i in range(5 * BULK_CHUNK)]
 
 
+def test_a_duplicate_sent_right_after_a_bulk_stream_is_answered_as_one(service, stream):
+    """Within BULK_QUIET_SECONDS of a bulk chunk the owner skips its learning slice; a duplicate
+    answered then was once sent out unconverted (INTERNAL)."""
+    _, client, _ = service
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"quiet{i}"}
+            for i, (e, f, d) in enumerate(stream(70, 30))]
+    for _ in range(3):
+        client.record_outcomes(rows)
+        ack = client.record_outcome(rows[0]["experts"], rows[0]["features"], actual_direction="UP", event_id="quiet0")
+        assert ack.duplicate
+
+
 def test_record_outcomes_without_a_timeout_has_no_deadline(service, stream):
     """timeout=None: the stream may take longer than the client's per-call default (0.3 s here)."""
     _, _, port = service
