@@ -505,8 +505,8 @@ class FusionClient:
         no row after the failure is journaled, so a re-run journals the missing rows in file order.
         Not retried: re-run it with the same event_ids instead
         (duplicates are acknowledged, not learned twice, as far back as the service's
-        `journal_keep_outcomes`: 100,000 outcomes by default). `timeout` bounds the whole stream
-        (default one hour; None: no deadline).
+        `journal_keep_outcomes` plus `journal_keep_event_ids`: 10,100,000 outcomes by default).
+        `timeout` bounds the whole stream (default one hour; None: no deadline).
 
         The rows travel up to `rows_per_message` to a message and under `max_message_bytes`
         (RecordOutcomeBatches, which needs a server of this version or later: an older one gets

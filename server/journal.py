@@ -16,10 +16,14 @@ Tables
 - `predictions(event_id, payload, predicted_at, served, fusion, average)`: the inputs of served
   Predicts that carried an event_id, so that RecordOutcome may send the event_id alone, within the
   configured horizon, and what was forecast, for live scoring (server/live.py).
+- `pruned_ids(h, seq)`: the event_ids of pruned outcomes (`id_hash`, 8 bytes each; about 35 bytes a
+  row on disk with its index), the newest `keep_event_ids` of them, so that a duplicate is
+  recognised long after its outcome was pruned: re-running a bulk replay of millions of rows
+  learns none twice.
 
 Retention: after each automatic checkpoint, the outcomes that the oldest automatic checkpoint
-kept covers are pruned down to the last `keep_outcomes` (their event_ids stay recognised as
-duplicates for that long); predictions past the horizon, or beyond the newest `keep_predictions`,
+kept covers are pruned down to the last `keep_outcomes` (their event_ids go to `pruned_ids`, and
+stay recognised as duplicates among its last `keep_event_ids`); predictions past the horizon, or beyond the newest `keep_predictions`,
 are pruned (every PRUNE_EVERY remembered). With periodic checkpoints off (`checkpoint_every = 0`),
 only the checkpoints of a graceful stop and of a restore prune. A write that fails because of the
 disk (full, read-only, I/O) raises StorageError. One connection, used by the model-owner thread only.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import sqlite3
 import time
@@ -78,12 +83,36 @@ CREATE TABLE IF NOT EXISTS predictions (
     average      REAL   -- the plain average's
 );
 CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (predicted_at);
+CREATE TABLE IF NOT EXISTS pruned_ids (
+    h   INTEGER PRIMARY KEY,  -- id_hash(event_id) of a pruned outcome
+    seq INTEGER NOT NULL      -- that outcome's seq
+);
+CREATE INDEX IF NOT EXISTS pruned_ids_by_seq ON pruned_ids (seq);
 """
 # Columns added to `outcomes` since its first version: added to a journal written before them.
 OUTCOME_COLUMNS_ADDED = (("live", "TEXT"),)
 INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at, live) VALUES (?, ?, ?, ?, ?)"
 LIVE_FILLED = 1  # PRAGMA user_version from which every outcome has its live column
 PRUNE_EVERY = 1024  # remembered predictions between two prunings of the predictions table
+def id_hash(event_id: str) -> int:
+    """How a pruned outcome's event_id is kept for recognising duplicates: 8 bytes of BLAKE2b, as a
+    signed 64-bit integer. Two of n distinct event_ids collide with a probability of about
+    n^2 / 2^65 (3e-6 for ten million); a collision would take a new outcome for a duplicate."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _pruned(cur: sqlite3.Cursor, event_ids: list[str]) -> set[str]:
+    """Which of `event_ids` belong to pruned outcomes (by id_hash)."""
+    out: set[str] = set()
+    if not event_ids or cur.execute("SELECT 1 FROM pruned_ids LIMIT 1").fetchone() is None:
+        return out  # nothing pruned yet (a fresh journal, a backtest's): no hashing
+    for k in range(0, len(event_ids), SEQ_CHECK_CHUNK):
+        by_hash = {id_hash(e): e for e in event_ids[k:k + SEQ_CHECK_CHUNK]}
+        out.update(by_hash[h] for (h,) in cur.execute(
+            f"SELECT h FROM pruned_ids WHERE h IN ({','.join('?' * len(by_hash))})", list(by_hash)))
+    return out
+
+
 SEQ_CHECK_CHUNK = 500  # event_ids per "IN (...)" query (SQLite allows 32,766 parameters)
 
 
@@ -169,11 +198,12 @@ class JournaledOutcome:
 
 class Journal:
     def __init__(self, path: str | Path, *, horizon_seconds: float = 86_400.0, keep_outcomes: int = 100_000,
-                 keep_predictions: int = 100_000):
+                 keep_predictions: int = 100_000, keep_event_ids: int = 10_000_000):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.horizon_seconds = horizon_seconds
         self.keep_outcomes = keep_outcomes
+        self.keep_event_ids = keep_event_ids
         self.keep_predictions = keep_predictions
         self._remembered = 0
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -252,6 +282,9 @@ class Journal:
     def _insert_each(cur: sqlite3.Cursor, rows: list[tuple]) -> list[int | None]:
         seqs: list[int | None] = []
         for row in rows:
+            if row[0] is not None and _pruned(cur, [row[0]]):
+                seqs.append(None)
+                continue
             cur.execute(INSERT_OUTCOME, row)
             seqs.append(cur.lastrowid if cur.rowcount == 1 else None)
         return seqs
@@ -268,6 +301,7 @@ class Journal:
             part = ids[k:k + SEQ_CHECK_CHUNK]
             seen.update(e for (e,) in cur.execute(
                 f"SELECT event_id FROM outcomes WHERE event_id IN ({','.join('?' * len(part))})", part))
+        seen.update(_pruned(cur, [e for e in ids if e not in seen]))
         fresh = []
         seqs: list[int | None] = []
         row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outcomes'").fetchone()
@@ -293,11 +327,16 @@ class Journal:
         return seqs
 
     def has_outcome(self, event_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM outcomes WHERE event_id = ?", (event_id,)).fetchone() is not None
+        """Whether an outcome with this event_id was journaled (its row kept, or pruned and its
+        event_id among the last keep_event_ids)."""
+        return self.seq_of(event_id) is not None
 
     def seq_of(self, event_id: str) -> int | None:
-        """The seq of the outcome with this event_id, if journaled (and not pruned)."""
+        """The seq of the outcome with this event_id, if journaled (its row kept, or pruned and
+        its event_id kept)."""
         row = self._db.execute("SELECT seq FROM outcomes WHERE event_id = ?", (event_id,)).fetchone()
+        if row is None:
+            row = self._db.execute("SELECT seq FROM pruned_ids WHERE h = ?", (id_hash(event_id),)).fetchone()
         return None if row is None else int(row[0])
 
     def outcomes_after(self, seq: int) -> Iterator[JournaledOutcome]:
@@ -388,11 +427,16 @@ class Journal:
     @_writes
     def prune(self, applied_seq: int) -> tuple[int, int]:
         """Drop outcomes already in a checkpoint (seq <= `applied_seq`) beyond the newest
-        `keep_outcomes`, and prune the predictions. Returns (outcomes, predictions) dropped."""
+        `keep_outcomes`, keeping their event_ids (the newest `keep_event_ids` of all pruned), and
+        prune the predictions. Returns (outcomes, predictions) dropped."""
         with self._transaction():
-            cutoff = self.last_seq() - self.keep_outcomes
-            o = self._db.execute("DELETE FROM outcomes WHERE seq <= ? AND seq <= ?",
-                                 (applied_seq, cutoff)).rowcount
+            upto = min(applied_seq, self.last_seq() - self.keep_outcomes)
+            self._db.executemany("INSERT OR IGNORE INTO pruned_ids (h, seq) VALUES (?, ?)", (
+                (id_hash(e), seq) for e, seq in self._db.execute(
+                    "SELECT event_id, seq FROM outcomes WHERE seq <= ? AND event_id IS NOT NULL", (upto,)).fetchall()))
+            o = self._db.execute("DELETE FROM outcomes WHERE seq <= ?", (upto,)).rowcount
+            self._db.execute("DELETE FROM pruned_ids WHERE seq < (SELECT seq FROM pruned_ids ORDER BY seq DESC "
+                             "LIMIT 1 OFFSET ?)", (max(self.keep_event_ids - 1, 0),))
         return o, self.prune_predictions()
 
     def stats(self) -> dict[str, Any]:

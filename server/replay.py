@@ -7,7 +7,8 @@ model should learn them:
     BTCUSDT:15m:2021-09-27T00:00Z,UP,0.61,0.48,0.9,43210.5,55.2
 
 - `event_id`: the candle's key (recommended: a re-run is then idempotent, duplicates are skipped, as
-  far back as the service's `journal_keep_outcomes`);
+  far back as the service's `journal_keep_outcomes` plus `journal_keep_event_ids`: 10,100,000
+  outcomes by default);
 - `actual_direction`: UP or DOWN (also up/down, 1/0; in Parquet also 1.0/0.0 and true/false);
 - `expert.<name>`: that expert's prob_up; `confidence.<name>` optional; an empty cell (or a null,
   or in Parquet a NaN confidence) is missing;

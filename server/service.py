@@ -438,7 +438,7 @@ class FusionService:
         self.metrics = Metrics(registry)
         self.counters = _Counters()
         self.journal = Journal(data / "journal.sqlite3", horizon_seconds=config.event_horizon_seconds,
-                               keep_outcomes=config.journal_keep_outcomes,
+                               keep_outcomes=config.journal_keep_outcomes, keep_event_ids=config.journal_keep_event_ids,
                                keep_predictions=config.journal_keep_predictions)
         self.store = CheckpointStore(data / "checkpoints", keep=config.checkpoints_keep)
         self.cpu_split = cpu_split(config)

@@ -96,6 +96,9 @@ class ServiceConfig:
     # many (or older than event_horizon_seconds) are pruned.
     journal_keep_outcomes: int = 100_000
     journal_keep_predictions: int = 100_000
+    # The event_ids of pruned outcomes kept for recognising duplicates (8 bytes each, about 35 on
+    # disk): a re-run of a bulk replay longer than journal_keep_outcomes learns none of it twice.
+    journal_keep_event_ids: int = 10_000_000
     # Live shadow scoring (server/live.py): the window of scored outcomes, and the switch to the
     # plain average when the fusion's log loss exceeds the average's by more than the margin.
     live_window: int = 500
@@ -168,8 +171,9 @@ SERVICE_HELP: dict[str, str] = {
                     "when there are two or more), \"off\", or a CPU list such as \"3\", \"6-7\" or \"2,5\"",
     "checkpoint_every": "automatic checkpoint every N learned outcomes; 0 turns it off",
     "checkpoints_keep": "automatic checkpoints kept in data_dir; older ones are deleted",
-    "journal_keep_outcomes": "journaled outcomes kept once checkpointed (duplicate event_ids are recognised "
-                             "that far back); pruned at each automatic checkpoint",
+    "journal_keep_outcomes": "journaled outcomes kept once checkpointed; pruned at each automatic checkpoint",
+    "journal_keep_event_ids": "event_ids of pruned outcomes kept (about 35 bytes each on disk): duplicates are "
+                              "recognised as far back as journal_keep_outcomes plus these",
     "live_window": "live scoring: outcomes of predicted events in the rolling window (fusion vs plain average)",
     "underperform_margin": "serve the plain average while the fusion's rolling log loss exceeds the average's by "
                            "more than this many nats (back to the fusion at half of it)",
@@ -279,6 +283,7 @@ def _validate(c: ServiceConfig) -> None:
     need(1 <= c.underperform_min_outcomes <= c.live_window, "underperform_min_outcomes",
          f"must be in [1, live_window={c.live_window}], got {c.underperform_min_outcomes}")
     need(c.journal_keep_outcomes >= 1, "journal_keep_outcomes", f"must be >= 1, got {c.journal_keep_outcomes}")
+    need(c.journal_keep_event_ids >= 0, "journal_keep_event_ids", f"must be >= 0, got {c.journal_keep_event_ids}")
     need(c.journal_keep_predictions >= 1, "journal_keep_predictions",
          f"must be >= 1, got {c.journal_keep_predictions}")
     need(c.log_level.upper() in LOG_LEVELS, "log_level",

@@ -435,3 +435,52 @@ def test_retention_keeps_what_a_fallback_to_the_oldest_automatic_checkpoint_need
     finally:
         client.close()
         svc.stop(grace=1)
+
+
+def test_pruned_outcomes_stay_duplicates_as_long_as_their_event_ids_are_kept(tmp_path, stream):
+    evs = [Event.parse(e, f) for e, f, _ in stream(58, 10)]
+    j = Journal(tmp_path / "j.sqlite3", keep_outcomes=50, keep_event_ids=100)
+    for i in range(0, 300, 30):
+        j.append_outcomes([(f"o-{k}", evs[k % 10], k % 2) for k in range(i, i + 30)])
+    j.append_outcomes([(None, evs[0], 1)])  # without an event_id: nothing to keep
+    j.prune(applied_seq=301)
+    assert j.count_outcomes() == 50  # o-251..o-299 and the one without an id
+    # o-0..o-250 pruned (seq 1..251), the ids of the newest 100 of them kept: o-151..o-250
+    assert (j.has_outcome("o-200"), j.seq_of("o-200"), j.has_outcome("o-151")) == (True, 201, True)
+    assert (j.has_outcome("o-150"), j.seq_of("o-150")) == (False, None)
+    # one transaction of old and new ids, the old ones in both the kept rows and the kept ids
+    seqs = j.append_outcomes([(f"o-{k}", evs[0], 1) for k in (0, 150, 151, 250, 299)] + [("new", evs[1], 0)])
+    assert seqs == [302, 303, None, None, None, 304]
+    j.close()
+    j = Journal(tmp_path / "j.sqlite3", keep_outcomes=50, keep_event_ids=100)  # kept across a restart
+    assert j.append_outcomes([("o-180", evs[0], 1)]) == [None]
+    j.close()
+
+
+def test_a_bulk_replay_run_again_learns_nothing_twice_long_after_its_rows_were_pruned(tmp_path, stream):
+    """The scenario of a backtest re-run after an interruption: its file is longer than the
+    journal keeps rows (journal_keep_outcomes), and every row is still recognised."""
+    data = tmp_path / "data"
+    rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"bt-{i}"}
+            for i, (e, f, d) in enumerate(stream(59, 300))]
+    svc, client = _start(data, checkpoint_every=50, checkpoints_keep=1, journal_keep_outcomes=10)
+    try:
+        assert client.record_outcomes(rows).accepted == 300
+        deadline = time.monotonic() + 60
+        while client.stats()["samples_trained"] < 300:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        client.close()
+        svc.stop(grace=1)
+    assert Journal(data / "journal.sqlite3").count_outcomes() <= 60  # pruned
+    svc, client = _start(data, checkpoint_every=50, checkpoints_keep=1, journal_keep_outcomes=10)
+    try:
+        result = client.record_outcomes(rows)
+        assert (result.accepted, result.duplicates) == (0, 300)
+        assert client.stats()["samples_trained"] == 300
+        e, f, d = stream(59, 1).__next__()
+        assert client.record_outcome(e, f, actual_direction=d, event_id="bt-0").duplicate
+    finally:
+        client.close()
+        svc.stop(grace=1)
