@@ -937,10 +937,18 @@ class ModelOwner:
             # else changes; if it cannot be, the restore is undone and refused: acknowledged, a
             # crash would silently bring back the model from before it.
             head = max(self._journal_seq, self._journal.last_seq())
+            existing = {i.name for i in self._store.list()}
             try:
                 self._store.save(self._trainer, None, head, {"live": self._scorer.state()})
             except Exception as e:
                 self._on_checkpoint("save", False)
+                # A save that failed after its rename (the directory's fsync, say, or a trainer that
+                # died then) left the restored model as the newest checkpoint: what a rebuild or a
+                # restart would load. It goes.
+                for leftover in [i.name for i in self._store.list() if i.name not in existing]:
+                    if not self._store.discard(leftover):
+                        log.error("checkpoint %s of an undone restore could not be deleted: delete it before "
+                                  "the service restarts, or it will load the restored model", leftover)
                 self._scorer.load(scorer_before)
                 self._trainer.serving_stats.load(served)
                 if not isinstance(e, TrainerDiedError):  # (a dead trainer: the caller replaces and rebuilds it)

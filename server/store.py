@@ -121,6 +121,12 @@ class CheckpointStore:
                 shutil.rmtree(self.root / old.name, ignore_errors=True)
         return self._info(path)
 
+    def discard(self, name: str) -> bool:
+        """Delete checkpoint `name`; True if it is gone."""
+        path = self.path_for(name)
+        shutil.rmtree(path, ignore_errors=True)
+        return not path.exists()
+
     def load(self, fusion: TransformerFusion, name: str) -> CheckpointInfo:
         """Load checkpoint `name` into `fusion` (untouched on error)."""
         path = self.path_for(name)
