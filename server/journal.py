@@ -17,9 +17,9 @@ Tables
   Predicts that carried an event_id, so that RecordOutcome may send the event_id alone, within the
   configured horizon, and what was forecast, for live scoring (server/live.py).
 - `pruned_ids(h, seq)`: the event_ids of pruned outcomes (`id_hash`, 8 bytes each; about 35 bytes a
-  row on disk with its index), the newest `keep_event_ids` of them, so that a duplicate is
-  recognised long after its outcome was pruned: re-running a bulk replay of millions of rows
-  learns none twice.
+  row on disk with its index) whose seq is within `keep_event_ids` of the newest pruned one, so
+  that a duplicate is recognised long after its outcome was pruned: re-running a bulk replay of
+  millions of rows learns none twice.
 
 Retention: after each automatic checkpoint, the outcomes that the oldest automatic checkpoint
 kept covers are pruned down to the last `keep_outcomes` (their event_ids go to `pruned_ids`, and
@@ -99,6 +99,24 @@ def id_hash(event_id: str) -> int:
     signed 64-bit integer. Two of n distinct event_ids collide with a probability of about
     n^2 / 2^65 (3e-6 for ten million); a collision would take a new outcome for a duplicate."""
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, after rolling back a transaction that a failed ROLLBACK left open (else
+    every later write would fail until a restart)."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+    db.execute("BEGIN IMMEDIATE")
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what is open, never raising over the error that is being handled (_begin tries
+    again before the next write)."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _pruned(cur: sqlite3.Cursor, event_ids: list[str]) -> set[str]:
@@ -237,13 +255,12 @@ class Journal:
     def _transaction(self) -> Iterator[None]:
         """One transaction around the statements inside (the connection autocommits otherwise: an
         executemany would commit, and sync, each row on its own)."""
-        self._db.execute("BEGIN IMMEDIATE")
+        _begin(self._db)
         try:
             yield
             self._db.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:  # a COMMIT that failed (disk full) leaves it open
-                self._db.execute("ROLLBACK")
+            _rollback(self._db)  # a COMMIT that failed (disk full) leaves the transaction open
             raise
 
     def close(self) -> None:
@@ -264,7 +281,7 @@ class Journal:
             rows = [(event_id, encode_event(event), label, now, _live_text(s))
                     for (event_id, event, label), s in zip(items, scored)]
         cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
+        _begin(self._db)
         try:
             seqs = self._insert_many(cur, rows)
             if seqs is None:  # not what SQLite was expected to do: start again, one row at a time
@@ -273,8 +290,7 @@ class Journal:
                 seqs = self._insert_each(cur, rows)
             cur.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                cur.execute("ROLLBACK")
+            _rollback(self._db)
             raise
         return seqs
 
@@ -431,12 +447,14 @@ class Journal:
         prune the predictions. Returns (outcomes, predictions) dropped."""
         with self._transaction():
             upto = min(applied_seq, self.last_seq() - self.keep_outcomes)
-            self._db.executemany("INSERT OR IGNORE INTO pruned_ids (h, seq) VALUES (?, ?)", (
-                (id_hash(e), seq) for e, seq in self._db.execute(
-                    "SELECT event_id, seq FROM outcomes WHERE seq <= ? AND event_id IS NOT NULL", (upto,)).fetchall()))
+            if self.keep_event_ids > 0:
+                self._db.executemany("INSERT OR IGNORE INTO pruned_ids (h, seq) VALUES (?, ?)", (
+                    (id_hash(e), seq) for e, seq in self._db.execute(
+                        "SELECT event_id, seq FROM outcomes WHERE seq <= ? AND seq > ? AND event_id IS NOT NULL",
+                        (upto, upto - self.keep_event_ids)).fetchall()))
             o = self._db.execute("DELETE FROM outcomes WHERE seq <= ?", (upto,)).rowcount
-            self._db.execute("DELETE FROM pruned_ids WHERE seq < (SELECT seq FROM pruned_ids ORDER BY seq DESC "
-                             "LIMIT 1 OFFSET ?)", (max(self.keep_event_ids - 1, 0),))
+            # the event_ids of the last keep_event_ids seqs pruned (an index range, not a count)
+            self._db.execute("DELETE FROM pruned_ids WHERE seq <= ?", (upto - self.keep_event_ids,))
         return o, self.prune_predictions()
 
     def stats(self) -> dict[str, Any]:

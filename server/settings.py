@@ -173,7 +173,7 @@ SERVICE_HELP: dict[str, str] = {
     "checkpoints_keep": "automatic checkpoints kept in data_dir; older ones are deleted",
     "journal_keep_outcomes": "journaled outcomes kept once checkpointed; pruned at each automatic checkpoint",
     "journal_keep_event_ids": "event_ids of pruned outcomes kept (about 35 bytes each on disk): duplicates are "
-                              "recognised as far back as journal_keep_outcomes plus these",
+                              "recognised as far back as journal_keep_outcomes plus these; 0 keeps none",
     "live_window": "live scoring: outcomes of predicted events in the rolling window (fusion vs plain average)",
     "underperform_margin": "serve the plain average while the fusion's rolling log loss exceeds the average's by "
                            "more than this many nats (back to the fusion at half of it)",

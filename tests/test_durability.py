@@ -326,9 +326,12 @@ def test_a_full_disk_refuses_outcomes_with_unavailable_and_a_retry_learns_them_o
         svc.stop(grace=1)
 
 
-def test_a_restore_whose_checkpoint_cannot_be_written_is_undone_and_refused(tmp_path, stream, monkeypatch):
+@pytest.mark.parametrize("fails", ["before_writing", "after_writing"])
+def test_a_restore_whose_checkpoint_cannot_be_written_is_undone_and_refused(tmp_path, stream, monkeypatch, fails):
     """Acknowledged, such a restore would be silently undone by the next recovery (which starts
-    from the newest checkpoint, from before it): it is refused, and the model stays as it was."""
+    from the newest checkpoint, from before it): it is refused, and the model stays as it was.
+    A save that fails after its checkpoint is in place (the directory's fsync) leaves nothing
+    behind either: a rebuild or a restart would load the restored model from it."""
     import errno
 
     import grpc
@@ -351,7 +354,11 @@ def test_a_restore_whose_checkpoint_cannot_be_written_is_undone_and_refused(tmp_
         save = TrainerProcess.save
 
         def disk_full(self, path, extra=None):
+            if fails == "after_writing":
+                save(self, path, extra)
+                raise OSError(errno.EIO, "Input/output error (No space left to sync)", str(path.parent))
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        names = sorted(p.name for p in (data / "checkpoints").iterdir())
         monkeypatch.setattr(TrainerProcess, "save", disk_full)
         with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
             stub = pb_grpc.FusionServiceStub(ch)
@@ -360,6 +367,7 @@ def test_a_restore_whose_checkpoint_cannot_be_written_is_undone_and_refused(tmp_
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "restore is undone" in info.value.details() and "No space left" in info.value.details()
         assert [client.predict(e, f).prob_up for e, f, _ in probes] == before
+        assert sorted(p.name for p in (data / "checkpoints").iterdir()) == names
         now = client.stats()
         assert {k: now[k] for k in ("samples_trained", "train_steps")} == {k: state[k] for k in ("samples_trained", "train_steps")}
         assert client.record_outcome(*events[30][:2], actual_direction=events[30][2], event_id="b-5").duplicate
@@ -448,6 +456,7 @@ def test_pruned_outcomes_stay_duplicates_as_long_as_their_event_ids_are_kept(tmp
     # o-0..o-250 pruned (seq 1..251), the ids of the newest 100 of them kept: o-151..o-250
     assert (j.has_outcome("o-200"), j.seq_of("o-200"), j.has_outcome("o-151")) == (True, 201, True)
     assert (j.has_outcome("o-150"), j.seq_of("o-150")) == (False, None)
+    assert j._db.execute("SELECT COUNT(*) FROM pruned_ids").fetchone()[0] == 100
     # one transaction of old and new ids, the old ones in both the kept rows and the kept ids
     seqs = j.append_outcomes([(f"o-{k}", evs[0], 1) for k in (0, 150, 151, 250, 299)] + [("new", evs[1], 0)])
     assert seqs == [302, 303, None, None, None, 304]
@@ -455,6 +464,12 @@ def test_pruned_outcomes_stay_duplicates_as_long_as_their_event_ids_are_kept(tmp
     j = Journal(tmp_path / "j.sqlite3", keep_outcomes=50, keep_event_ids=100)  # kept across a restart
     assert j.append_outcomes([("o-180", evs[0], 1)]) == [None]
     j.close()
+    none = Journal(tmp_path / "none.sqlite3", keep_outcomes=50, keep_event_ids=0)
+    none.append_outcomes([(f"o-{k}", evs[0], 1) for k in range(100)])
+    none.prune(applied_seq=100)
+    assert none._db.execute("SELECT COUNT(*) FROM pruned_ids").fetchone()[0] == 0
+    assert none.append_outcomes([("o-0", evs[0], 1), ("o-99", evs[0], 1)]) == [101, None]
+    none.close()
 
 
 def test_a_bulk_replay_run_again_learns_nothing_twice_long_after_its_rows_were_pruned(tmp_path, stream):
