@@ -58,9 +58,11 @@ One client may be shared by threads: gRPC multiplexes their calls on the client'
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -197,8 +199,15 @@ def _check_event_id(event_id: Any) -> str:
 
 def _check_timeout(timeout: Any) -> None:
     if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                                    and timeout > 0):
+                                    and 0 < timeout < math.inf):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+def _add_inputs(request: pb.RecordOutcomeRequest, predicted: pb.PredictRequest) -> None:
+    """The experts of the Predict, and its features unless the caller gave some."""
+    request.experts.extend(predicted.experts)
+    if not request.features:
+        request.features.update(predicted.features)
 
 
 def _bulk_direction(value: Any) -> int:
@@ -286,7 +295,7 @@ class FusionClient:
         self._lock = threading.Lock()
         self._fallback_count = 0
         # event_id -> (the Predict's request, served by the local fallback), oldest first
-        self._kept: dict[str, tuple[pb.PredictRequest, bool]] = {}
+        self._kept: OrderedDict[str, tuple[pb.PredictRequest, bool]] = OrderedDict()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -401,10 +410,10 @@ class FusionClient:
 
     def _keep(self, request: pb.PredictRequest, *, local: bool) -> None:
         with self._lock:
-            self._kept.pop(request.event_id, None)  # a candle predicted again: the latest wins
-            self._kept[request.event_id] = (request, local)
+            self._kept[request.event_id] = (request, local)  # a candle predicted again: the latest wins
+            self._kept.move_to_end(request.event_id)
             while len(self._kept) > KEPT_PREDICTIONS:
-                del self._kept[next(iter(self._kept))]
+                self._kept.popitem(last=False)
 
     def record_outcome(
         self,
@@ -447,8 +456,7 @@ class FusionClient:
         with self._lock:
             kept = self._kept.get(event_id) if event_id and not forecasts else None
         if kept is not None and kept[1]:  # served by the local fallback: the service never saw it
-            request.experts.extend(kept[0].experts)
-            request.features.update(kept[0].features)
+            _add_inputs(request, kept[0])
         retries = self.retries if event_id else 0
         budget = (retries + 1) * (self.timeout if timeout is None else timeout)
         started = time.monotonic()
@@ -468,8 +476,7 @@ class FusionClient:
                 # the service does not have that Predict's inputs any more: send this client's
                 logger.warning("record_outcome(event_id=%r): the service does not have the Predict's inputs; "
                                "sending the ones this client kept", event_id)
-                request.experts.extend(kept[0].experts)
-                request.features.update(kept[0].features)
+                _add_inputs(request, kept[0])
                 attempt -= 1
                 continue
             except TransportError as err:

@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from titan_fusion.client import FusionClient, ResourceExhaustedError, ServerError, TransportError
+from titan_fusion.client import (FusionClient, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
+                                 TransportError)
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "BTC-USD-15-MIN.csv"
 CONFIG = {"fusion.min_samples": 200}  # the original's config store, with its dotted names
@@ -138,8 +139,8 @@ class Ensemble:
             except (TransportError, ResourceExhaustedError) as err:  # the service is down or busy:
                 print(f"outcome {key} not delivered ({err}); {len(self.pending)} pending")  # next candle
                 return
-            except (ServerError, ValueError) as err:  # refused for good (bad inputs, in-process too):
-                print(f"outcome {key} refused ({err}); dropped")  # resending cannot help
+            except (InvalidArgumentError, NotFoundError, ValueError) as err:  # refused for good (bad
+                print(f"outcome {key} refused ({err}); dropped")  # inputs, in-process too): resending cannot help
             self.pending.pop(0)
 
 

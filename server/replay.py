@@ -110,8 +110,11 @@ def read_file(path: Path) -> tuple[Iterator[Mapping[str, Any]], int | None]:
             raise SystemExit("reading Parquet needs pyarrow: pip install pyarrow (or convert the file to CSV)")
         pf = pq.ParquetFile(path)
         return (row for batch in pf.iter_batches() for row in batch.to_pylist()), pf.metadata.num_rows
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        total = sum(1 for _ in csv.reader(f)) - 1  # records, not lines (a quoted field may span lines)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            total = sum(1 for _ in csv.reader(f)) - 1  # records, not lines (a quoted field may span lines)
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path} is not UTF-8 text ({e}); save it as CSV UTF-8") from None
     handle = open(path, newline="", encoding="utf-8-sig")
     return iter(csv.DictReader(handle)), max(total, 0)
 
@@ -148,9 +151,9 @@ def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None
             return 1
         except KeyboardInterrupt:
             bar.close()
-            print(f"\ninterrupted after reading {bar.n:,} rows: the rows the service had received are journaled "
-                  "(Stats: journal_sequence); run the same file again to send the rest (rows with an event_id "
-                  "already journaled are skipped as duplicates)", file=sys.stderr)
+            print(f"\ninterrupted after reading {bar.n:,} rows: the service journals what it received in whole "
+                  "chunks (Stats: journal_sequence); run the same file again to send the rest (rows with an "
+                  "event_id already journaled are skipped as duplicates)", file=sys.stderr)
             return 130
         finally:
             bar.close()
