@@ -28,6 +28,18 @@ def _start(data, **kw):
     return svc, FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False)
 
 
+def _restarted_serves(data, samples, probe_events, probes, **kw):
+    """A service started again on `data` has learned `samples` outcomes and forecasts `probes`
+    for `probe_events`, bit for bit."""
+    svc, client = _start(data, **kw)
+    try:
+        assert client.stats()["samples_trained"] == samples
+        assert [client.predict(e, f).prob_up for e, f, _ in probe_events] == probes
+    finally:
+        client.close()
+        svc.stop(grace=1)
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, stream, caplog):
     data = tmp_path / "data"
     events = list(stream(41, 75))
@@ -63,13 +75,7 @@ def test_every_checkpoint_unusable_means_replaying_the_whole_journal(tmp_path, s
     svc.stop(grace=1)
     for ck in (data / "checkpoints").iterdir():
         (ck / MODEL_FILE).write_bytes(b"garbage")
-    svc, client = _start(data, checkpoint_every=0)
-    try:
-        assert client.stats()["samples_trained"] == 40
-        assert [client.predict(e, f).prob_up for e, f, _ in stream(44, 5)] == probes
-    finally:
-        client.close()
-        svc.stop(grace=1)
+    _restarted_serves(data, 40, list(stream(44, 5)), probes, checkpoint_every=0)
 
 
 def test_journal_retention_holds_its_bounds(tmp_path, stream):
@@ -436,13 +442,8 @@ def test_retention_keeps_what_a_fallback_to_the_oldest_automatic_checkpoint_need
     assert len(autos) == 3, autos  # at 20, 40 and 60 outcomes
     for name in autos[1:]:  # the two newest unusable: back to the one at 20
         (data / "checkpoints" / name / MODEL_FILE).write_bytes(b"garbage")
-    svc, client = _start(data, checkpoint_every=20, checkpoints_keep=3, journal_keep_outcomes=5)
-    try:
-        assert client.stats()["samples_trained"] == 60
-        assert [client.predict(e, f).prob_up for e, f, _ in stream(57, 5)] == probes
-    finally:
-        client.close()
-        svc.stop(grace=1)
+    _restarted_serves(data, 60, list(stream(57, 5)), probes, checkpoint_every=20, checkpoints_keep=3,
+                      journal_keep_outcomes=5)
 
 
 def test_pruned_outcomes_stay_duplicates_as_long_as_their_event_ids_are_kept(tmp_path, stream):
