@@ -29,6 +29,19 @@ def _probe(snapshot) -> np.ndarray:
     return np.array([[p.prob_up, *p.attention] for p in preds])
 
 
+def _probe_one_at_a_time(snapshot) -> list[float]:
+    """prob_up for each of PROBES predicted alone, as a service answers Predicts one at a time."""
+    return [snapshot.predict([Event.parse(e, f)])[0].prob_up for e, f, _ in PROBES]
+
+
+def _uninterrupted(evs) -> object:
+    """The snapshot of the in-process class after learning `evs` in order, uninterrupted."""
+    reference = TransformerFusion(FAST, n_models=4)
+    for e, f, d in evs:
+        reference.update(e, f, d)
+    return reference.snapshot()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -149,12 +162,7 @@ def test_a_killed_trainer_is_restarted_and_the_model_is_the_same(tmp_path: Path,
         served = predictions(c, PROBES)
     finally:
         running.close()
-    reference = TransformerFusion(FAST, n_models=4)
-    for e, f, d in evs:
-        reference.update(e, f, d)
-    snap = reference.snapshot()  # one event at a time, as the service answered them
-    expected = [snap.predict([Event.parse(e, f)])[0].prob_up for e, f, _ in PROBES]
-    assert [p[0] for p in served] == expected
+    assert [p[0] for p in served] == _probe_one_at_a_time(_uninterrupted(evs))
 
 
 def test_trainer_thread_keeps_the_model_in_the_owner_thread(tmp_path: Path) -> None:
@@ -329,10 +337,7 @@ def test_a_new_trainer_that_dies_while_rebuilding_is_replaced_too(tmp_path: Path
         assert running.health().Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == SERVING
     finally:
         running.close()
-    reference = TransformerFusion(FAST, n_models=4)  # the rebuilt model is the uninterrupted one
-    for e, f, d in evs:
-        reference.update(e, f, d)
-    assert np.array_equal(_probe(made[2].snapshot()), _probe(reference.snapshot()))
+    assert np.array_equal(_probe(made[2].snapshot()), _probe(_uninterrupted(evs)))  # the rebuilt model
 
 
 def test_a_failing_owner_answers_the_rest_of_its_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -398,8 +403,4 @@ def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: p
         served = predictions(c, PROBES)
     finally:
         running.close()
-    reference = TransformerFusion(FAST, n_models=4)
-    for e, f, d in evs:
-        reference.update(e, f, d)
-    snap = reference.snapshot()
-    assert [p[0] for p in served] == [snap.predict([Event.parse(e, f)])[0].prob_up for e, f, _ in PROBES]
+    assert [p[0] for p in served] == _probe_one_at_a_time(_uninterrupted(evs))
