@@ -23,8 +23,8 @@ Tables
 
 Retention: after each automatic checkpoint, the outcomes that the oldest automatic checkpoint
 kept covers are pruned down to the last `keep_outcomes` (their event_ids go to `pruned_ids`, and
-stay recognised as duplicates among its last `keep_event_ids`); predictions past the horizon, or beyond the newest `keep_predictions`,
-are pruned (every PRUNE_EVERY remembered). With periodic checkpoints off (`checkpoint_every = 0`),
+stay recognised as duplicates among its last `keep_event_ids`); predictions past the horizon, or
+beyond the newest `keep_predictions`, are pruned (every PRUNE_EVERY remembered). With periodic checkpoints off (`checkpoint_every = 0`),
 only the checkpoints of a graceful stop and of a restore prune. A write that fails because of the
 disk (full, read-only, I/O) raises StorageError. One connection, used by the model-owner thread only.
 """
@@ -94,29 +94,14 @@ OUTCOME_COLUMNS_ADDED = (("live", "TEXT"),)
 INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes (event_id, payload, label, recorded_at, live) VALUES (?, ?, ?, ?, ?)"
 LIVE_FILLED = 1  # PRAGMA user_version from which every outcome has its live column
 PRUNE_EVERY = 1024  # remembered predictions between two prunings of the predictions table
+SEQ_CHECK_CHUNK = 500  # event_ids per "IN (...)" query (SQLite allows 32,766 parameters)
+
+
 def id_hash(event_id: str) -> int:
     """How a pruned outcome's event_id is kept for recognising duplicates: 8 bytes of BLAKE2b, as a
     signed 64-bit integer. Two of n distinct event_ids collide with a probability of about
     n^2 / 2^65 (3e-6 for ten million); a collision would take a new outcome for a duplicate."""
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
-
-
-def _begin(db: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, after rolling back a transaction that a failed ROLLBACK left open (else
-    every later write would fail until a restart)."""
-    if db.in_transaction:
-        db.execute("ROLLBACK")
-    db.execute("BEGIN IMMEDIATE")
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    """Roll back what is open, never raising over the error that is being handled (_begin tries
-    again before the next write)."""
-    if db.in_transaction:
-        try:
-            db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
 
 def _pruned(cur: sqlite3.Cursor, event_ids: list[str]) -> set[str]:
@@ -129,9 +114,6 @@ def _pruned(cur: sqlite3.Cursor, event_ids: list[str]) -> set[str]:
         out.update(by_hash[h] for (h,) in cur.execute(
             f"SELECT h FROM pruned_ids WHERE h IN ({','.join('?' * len(by_hash))})", list(by_hash)))
     return out
-
-
-SEQ_CHECK_CHUNK = 500  # event_ids per "IN (...)" query (SQLite allows 32,766 parameters)
 
 
 def encode_event(ev: Event) -> str:
@@ -255,12 +237,19 @@ class Journal:
     def _transaction(self) -> Iterator[None]:
         """One transaction around the statements inside (the connection autocommits otherwise: an
         executemany would commit, and sync, each row on its own)."""
-        _begin(self._db)
+        db = self._db
+        if db.in_transaction:  # left open by a ROLLBACK that failed: else every write would fail
+            db.execute("ROLLBACK")
+        db.execute("BEGIN IMMEDIATE")
         try:
             yield
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
         except BaseException:
-            _rollback(self._db)  # a COMMIT that failed (disk full) leaves the transaction open
+            if db.in_transaction:  # a COMMIT that failed (disk full) leaves it open too
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:  # never over the error being handled; the next write tries again
+                    pass
             raise
 
     def close(self) -> None:
@@ -281,17 +270,12 @@ class Journal:
             rows = [(event_id, encode_event(event), label, now, _live_text(s))
                     for (event_id, event, label), s in zip(items, scored)]
         cur = self._db.cursor()
-        _begin(self._db)
-        try:
+        with self._transaction():
             seqs = self._insert_many(cur, rows)
             if seqs is None:  # not what SQLite was expected to do: start again, one row at a time
                 cur.execute("ROLLBACK")
                 cur.execute("BEGIN IMMEDIATE")
                 seqs = self._insert_each(cur, rows)
-            cur.execute("COMMIT")
-        except BaseException:
-            _rollback(self._db)
-            raise
         return seqs
 
     @staticmethod
