@@ -523,7 +523,6 @@ class FusionClient:
         """
         if rows_per_message < 1 or max_message_bytes < 1:
             raise ValueError("rows_per_message and max_message_bytes must be >= 1")
-        _check_timeout(timeout)
         failed: list[Exception] = []
 
         def batches() -> Iterable[pb.RecordOutcomeBatch]:
