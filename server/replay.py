@@ -101,31 +101,23 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
-def read_file(path: Path) -> tuple[Iterator[Mapping[str, Any]], int | None]:
-    """Rows of a CSV or Parquet file, and their count when cheap to know."""
+def read_file(path: Path) -> tuple[Iterator[Mapping[str, Any]], int | None, list[str]]:
+    """Rows of a CSV or Parquet file, their count when cheap to know, and the column names."""
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise SystemExit("reading Parquet needs pyarrow: pip install pyarrow (or convert the file to CSV)")
         pf = pq.ParquetFile(path)
-        return (row for batch in pf.iter_batches() for row in batch.to_pylist()), pf.metadata.num_rows
+        return ((row for batch in pf.iter_batches() for row in batch.to_pylist()), pf.metadata.num_rows,
+                list(pf.schema_arrow.names))
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             total = sum(1 for _ in csv.reader(f)) - 1  # records, not lines (a quoted field may span lines)
     except UnicodeDecodeError as e:
         raise SystemExit(f"{path} is not UTF-8 text ({e}); save it as CSV UTF-8") from None
-    handle = open(path, newline="", encoding="utf-8-sig")
-    return iter(csv.DictReader(handle)), max(total, 0)
-
-
-def header(path: Path) -> list[str]:
-    """The file's column names (Parquet's schema, CSV's first record)."""
-    if path.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-        return list(pq.ParquetFile(path).schema_arrow.names)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return next(csv.reader(f), [])
+    reader = csv.DictReader(open(path, newline="", encoding="utf-8-sig"))
+    return iter(reader), max(total, 0), list(reader.fieldnames or [])
 
 
 def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None, token=None,
@@ -136,8 +128,8 @@ def main(target: str, path: str, *, wait: bool, timeout: float, credentials=None
     from titan_fusion.client.client import BULK_MESSAGE_BYTES
     if max_message_bytes is None:  # the client's own default
         max_message_bytes = BULK_MESSAGE_BYTES
-    rows, total = read_file(Path(path))
-    kinds = {column(c)[0] for c in header(Path(path))}
+    rows, total, names = read_file(Path(path))
+    kinds = {column(c)[0] for c in names}
     if "event_id" not in kinds:
         print(f"warning: {path} has no event_id column: the service cannot tell its rows from earlier ones, so "
               "running this file again learns every row again", file=sys.stderr)

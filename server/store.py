@@ -112,7 +112,8 @@ class CheckpointStore:
         try:
             fusion.save(path, extra={**(extra or {}), "generation": generation, "applied_seq": applied_seq,
                                      "created_at": created, "name": name})
-        except OSError as e:  # the write is atomic (server/checkpoint.py): nothing of it is left
+        except OSError as e:  # atomic (server/checkpoint.py): nothing is left, unless the directory's
+            # fsync after the rename failed (a restore then deletes what it left: ModelOwner)
             if e.errno in STORAGE_ERRNOS:
                 raise StorageError(f"checkpoint {name!r} cannot be written in {self.root}: {e}") from e
             raise
