@@ -609,8 +609,12 @@ class TransformerFusion:
             self._ema = self._flat.views(self._ema_flat)
 
     def _best_copy(self) -> dict[str, torch.Tensor]:
-        """A copy of the current weights (one flat clone) as a state_dict-like name -> tensor dict."""
-        return self._flat.views(self._flat.data.clone())
+        """A copy of the weights that validation scores (one flat clone), as a state_dict-like name ->
+        tensor dict: the moving average once there is one (what _val_loss_now scores and the service
+        serves), else the trained weights. Early stopping puts these back, so that the model it
+        pauses on is the one that scored best_val_loss."""
+        served = self._ema_flat if self._ema is not None else self._flat.data
+        return self._flat.views(served.clone())
 
     def _val_loss_now(self) -> float:
         """Mean log loss of the served weights (the moving average, with ema_decay) on the
@@ -707,7 +711,8 @@ class TransformerFusion:
                 best = torch.empty_like(self._flat.data)
                 self._flat.load(best, tensors["best_net"])
                 self._best_net = self._flat.views(best)
-            if tensors.get("ema") is not None:
+            if tensors.get("ema") is not None and self._ema_flat is not None:
+                # (with ema_decay now 0, the saved average is not used: the trained weights serve)
                 self._flat.load(self._ema_flat, tensors["ema"])
                 self._ema = self._flat.views(self._ema_flat)
             self._norm.load(tensors["norm"])

@@ -259,21 +259,28 @@ def test_guard_validation_split_ratio_is_seeded_and_near_val_split(stream):
     assert none.get_training_stats()["val_buffer_size"] == 0
 
 
-def test_guard_early_stopping_fires_restores_best_pauses_and_resumes(stream):
+@pytest.mark.parametrize("overrides", [{}, {"ema_decay": 0.0}])
+def test_guard_early_stopping_fires_restores_best_pauses_and_resumes(stream, overrides):
     # A delta no loss can beat after the first check: the first check is the best; `patience`
     # checks (of one every val_every=5 steps) later early stopping fires.
-    f = make(early_stopping_patience=2, early_stopping_delta=10.0, early_stopping_resume=5, val_every=5)
+    f = make(early_stopping_patience=2, early_stopping_delta=10.0, early_stopping_resume=5, val_every=5, **overrides)
     events = iter(stream(16, 400))
     while f.get_training_stats()["train_steps"] < 5:
         f.update(*next(events))
-    best = [p.detach().clone() for p in f._net.parameters()]
+    # the weights validation scored: the moving average (served) with ema_decay, else the trained ones
+    served = f._ema_flat if overrides.get("ema_decay", 0.999) > 0 else f._flat.data
+    best, best_loss = served.clone(), f._val_loss_now()
+    assert not torch.equal(best, f._flat.data) or "ema_decay" in overrides
     best_step = f._best_step
-    assert best_step == 5
+    assert best_step == 5 and f.get_training_stats()["best_val_loss"] == best_loss
     while not f.get_training_stats()["is_overfitting"]:
         f.update(*next(events))
     s = f.get_training_stats()
     assert s["train_steps"] == best_step + 2 * 5 and s["early_stops"] == 1 and s["patience_counter"] == 2
-    assert all(torch.equal(a, b.detach()) for a, b in zip(best, f._net.parameters()))  # best restored
+    # the best restored: what serves from now on, and what training goes on from, is the model
+    # that scored best_val_loss (not the trained weights of that moment, with a moving average)
+    assert torch.equal(f._flat.data, best) and torch.equal(served, best)
+    assert s["best_val_loss"] == best_loss
     # Paused: new outcomes are buffered but no step runs until 5 fresh validation outcomes.
     val_at_pause, steps_at_pause, n = f._val_seen, s["train_steps"], s["samples_trained"]
     while f._val_seen - val_at_pause < 4:
@@ -465,6 +472,25 @@ def test_loading_another_architecture_fails_and_leaves_the_instance_untouched(tm
     f.save(tmp_path / "four")
     with pytest.raises(IncompatibleCheckpointError, match="n_models=4, this model has 5"):
         make(n_models=5).load(tmp_path / "four")
+
+
+def test_a_checkpoint_loads_with_the_moving_average_turned_off_or_on(tmp_path, stream):
+    """ema_decay is not architecture: a checkpoint saved with the moving average loads with it off
+    (the trained weights serve, as with ema_decay = 0 all along), and one saved without it loads
+    with it on (the average starts from the trained weights)."""
+    f = make()
+    feed(f, stream(29, 120))
+    f.save(tmp_path / "ema")
+    off = make(ema_decay=0.0)
+    off.load(tmp_path / "ema")
+    assert off._ema is None and torch.equal(off._flat.data, f._flat.data)
+    feed(off, stream(30, 20))
+    off.save(tmp_path / "plain")
+    on = make()
+    on.load(tmp_path / "plain")
+    assert torch.equal(on._flat.data, off._flat.data)
+    feed(on, stream(31, 20))
+    assert on._ema is not None and on.get_training_stats()["samples_trained"] == 160
 
 
 def test_a_corrupt_checkpoint_is_detected(tmp_path, stream):
