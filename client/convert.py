@@ -271,6 +271,20 @@ def prediction_from_proto(response: pb.PredictResponse) -> Prediction:
     )
 
 
+def average_names(names: list[str]) -> list[str]:
+    """The attention keys of a plain average, one per expert in order: each expert's name, or
+    model_<i> for an unnamed one; model_<i> for all when that would repeat a key (a repeated key
+    would merge two experts' weights in the attention map).
+
+    >>> average_names(["a", ""]), average_names(["model_1", "", "x"])
+    (['a', 'model_1'], ['model_0', 'model_1', 'model_2'])
+    """
+    keys = [name or f"model_{i}" for i, name in enumerate(names)]
+    if len(set(keys)) != len(keys):
+        keys = [f"model_{i}" for i in range(len(names))]
+    return keys
+
+
 def local_average(
     forecasts: list[pb.ExpertForecast], *, event_id: str | None = None
 ) -> Prediction:
@@ -286,9 +300,7 @@ def local_average(
         if not (math.isfinite(f.prob_up) and 0.0 <= f.prob_up <= 1.0):
             raise ValueError(f"experts[{i}].prob_up must be in [0, 1], got {f.prob_up!r}")
     prob_up = math.fsum(f.prob_up for f in forecasts) / len(forecasts)
-    names = [f.name or f"model_{i}" for i, f in enumerate(forecasts)]
-    if len(set(names)) != len(names):  # repeated names would collapse in the dict
-        names = [f"model_{i}" for i in range(len(forecasts))]
+    names = average_names([f.name for f in forecasts])
     weight = 1.0 / len(forecasts)
     return Prediction(
         prob_up=prob_up,

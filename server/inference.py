@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from titan_fusion.client.convert import average_names
+
 from .errors import FusionInputError
 from .events import Expert, parse_experts, parse_features, plain_average
 
@@ -513,13 +515,25 @@ class Schema:
             return order, schema, new_expert_names, new_feature_names
         unknown = sorted(set(ev.features) - set(schema))
         if unknown:
-            raise FusionInputError("features", f"unknown feature(s) {', '.join(unknown)}; the schema is "
-                                   f"[{', '.join(schema)}]")
+            raise FusionInputError("features", f"unknown feature(s) {listed(unknown)}; the schema is "
+                                   f"[{listed(schema)}]")
         missing = [n for n in schema if n not in ev.features]
         if missing and self.missing_features == "reject":
-            raise FusionInputError("features", f"missing feature(s) {', '.join(missing)}; the schema is "
-                                   f"[{', '.join(schema)}] (set fusion.missing_features = \"mean\" to impute)")
+            raise FusionInputError("features", f"missing feature(s) {listed(missing)}; the schema is "
+                                   f"[{listed(schema)}] (set fusion.missing_features = \"mean\" to impute)")
         return order, schema, new_expert_names, new_feature_names
+
+
+def listed(names: Sequence[str], limit: int = 8, width: int = 64) -> str:
+    """Names for an error message: quoted (so that odd characters show), each cut to `width`
+    characters, at most `limit` of them and how many more.
+
+    >>> listed(["close", "rsi"]), listed([str(i) for i in range(10)], limit=2)
+    ("'close', 'rsi'", "'0', '1' and 8 more")
+    """
+    shown = [repr(n if len(n) <= width else n[:width] + "...") for n in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(shown) + more
 
 
 def expert_probs(x: Sequence[Sequence[float]]) -> list[float]:
@@ -534,7 +548,7 @@ def classic_rows(classic: Any, probs: Sequence[float]) -> list[list[float]]:
 
 def average_prediction(ev: Event, reason: str, version: int) -> Prediction:
     p = plain_average(ev.experts)
-    names = [e.name or f"model_{i}" for i, e in enumerate(ev.experts)]
+    names = average_names([e.name for e in ev.experts])
     return Prediction(p, 1.0 - p, SOURCE_AVERAGE, reason, {n: 1.0 / len(names) for n in names}, version)
 
 

@@ -82,6 +82,16 @@ _PredictResponse = pb.PredictResponse
 BULK_CHUNK = 512  # RecordOutcomes rows per owner work item (one journal transaction)
 BULK_INFLIGHT = 2  # chunks of one stream queued at the owner at once
 MAX_LISTED_REJECTIONS = 100
+# A status message travels as a header, and grpc refuses headers over 16 KiB (the caller would get
+# RESOURCE_EXHAUSTED instead of the real status): messages quote the caller's input, so cap them.
+MAX_STATUS_MESSAGE = 1000  # characters (up to 12 bytes each, percent-encoded)
+MAX_LISTED_MESSAGE = 500  # characters of each listed bulk rejection's message
+
+
+def bounded(message: str, limit: int = MAX_STATUS_MESSAGE) -> str:
+    """`message`, cut to `limit` characters with a mark that it was cut."""
+    cut = " ... (truncated)"
+    return message if len(message) <= limit else message[:limit - len(cut)] + cut
 
 
 def status_of(e: Exception) -> grpc.StatusCode:
@@ -105,7 +115,7 @@ def _rpc(method: str) -> Callable:
                     log.exception("%s failed", method)
                     message = "internal error; see the server log"
                 else:
-                    message = str(e)
+                    message = bounded(str(e))
             except Exception:
                 code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
                 log.exception("%s failed", method)
@@ -264,9 +274,15 @@ def _wait(fut: futures.Future, deadline: float | None) -> Any:
 
 class FusionServicer(pb_grpc.FusionServiceServicer):
     def __init__(self, owner: ModelOwner, predictor: Predictor, metrics: Metrics, counters: _Counters,
-                 started: float):
+                 started: float, *, bulk_streams: int = 4, max_message_bytes: int = 4 * 1024 * 1024):
         self._owner, self._predictor, self._metrics, self._counters = owner, predictor, metrics, counters
         self._started = started
+        # A bulk stream holds a handler thread for as long as it is open: at most this many at once,
+        # so that Predict, Stats and health always find one.
+        self._bulk_streams = threading.BoundedSemaphore(bulk_streams)
+        self._bulk_limit = bulk_streams
+        # the listed rejections of a bulk answer stay well inside the largest message sent
+        self._listing_budget = max_message_bytes // 4
 
     @_rpc("Predict")
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
@@ -297,6 +313,16 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
 
     def _bulk(self, rows_in: Iterator[pb.RecordOutcomeRequest],
               context: grpc.ServicerContext) -> pb.RecordOutcomesResponse:
+        if not self._bulk_streams.acquire(blocking=False):
+            raise OverloadedError(f"{self._bulk_limit} bulk outcome streams are open already (service.max_bulk_streams); "
+                                  "retry when one ends")
+        try:
+            return self._bulk_stream(rows_in, context)
+        finally:
+            self._bulk_streams.release()
+
+    def _bulk_stream(self, rows_in: Iterator[pb.RecordOutcomeRequest],
+                     context: grpc.ServicerContext) -> pb.RecordOutcomesResponse:
         """Journal a stream of rows in chunks of BULK_CHUNK (at most BULK_INFLIGHT queued at the
         owner at once) and sum up the owner's answers; a row's index counts rows from the start."""
         deadline = _deadline(context)
@@ -304,8 +330,11 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
         inflight: deque[futures.Future] = deque()
         stream = BulkStream()  # a failed chunk fails the stream's later chunks too, at the owner
 
+        listed_bytes = 0
+
         def collect(fut: futures.Future) -> None:
             ack: BulkAck = _wait(fut, deadline)
+            accepted, duplicates = resp.accepted, resp.duplicates
             for kind, detail in ack.results:
                 if kind == "accepted":
                     resp.accepted += 1
@@ -315,12 +344,17 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                     index, event_id, error = detail
                     reject(index, event_id, error)
             resp.journal_sequence = max(resp.journal_sequence, ack.journal_seq)
+            # counted chunk by chunk: a stream that ends early still counts what was journaled
+            self._counters.add("outcomes", resp.accepted - accepted)
+            self._counters.add("duplicates", resp.duplicates - duplicates)
 
         def reject(index: int, event_id: str, error: Exception) -> None:
+            nonlocal listed_bytes
             resp.rejected += 1
-            if len(resp.rejected_outcomes) < MAX_LISTED_REJECTIONS:
-                resp.rejected_outcomes.add(index=index, event_id=event_id, code=status_of(error).name,
-                                           message=str(error))
+            if len(resp.rejected_outcomes) < MAX_LISTED_REJECTIONS and listed_bytes < self._listing_budget:
+                row = resp.rejected_outcomes.add(index=index, event_id=event_id, code=status_of(error).name,
+                                                 message=bounded(str(error), MAX_LISTED_MESSAGE))
+                listed_bytes += row.ByteSize()
 
         # The rows go to the owner as they came, converted there (bulk_row): this thread only
         # receives, so that receiving the next row never waits for converting the last one.
@@ -338,6 +372,11 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                 # the same event_ids journals exactly what is missing).
                 log.info("a bulk outcome stream ended early: %d rows received, the first %d handed to the owner",
                          received, received - len(chunk))
+                try:  # the chunks handed over are journaled: wait for them, so that Stats counts them
+                    while inflight:
+                        collect(inflight.popleft())
+                except FusionError:
+                    pass  # the stream is gone either way; the owner logged what failed
                 raise ClientGoneError("the client ended the stream") from None
             received = index + 1
             chunk.append((index, request))
@@ -350,8 +389,6 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
             inflight.append(self._owner.submit("bulk", (chunk, bulk_row, stream), deadline, block=True))
         while inflight:
             collect(inflight.popleft())
-        self._counters.add("outcomes", resp.accepted)
-        self._counters.add("duplicates", resp.duplicates)
         return resp
 
     @_rpc("Stats")
@@ -471,7 +508,8 @@ class FusionService:
                                   interceptors=[interceptor])
         self._started = time.monotonic()
         pb_grpc.add_FusionServiceServicer_to_server(
-            FusionServicer(self.owner, self.predictor, self.metrics, self.counters, self._started), self.server)
+            FusionServicer(self.owner, self.predictor, self.metrics, self.counters, self._started,
+                           bulk_streams=config.bulk_streams, max_message_bytes=config.max_message_bytes), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"

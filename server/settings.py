@@ -79,6 +79,9 @@ class ServiceConfig:
     predict_queue_size: int = 1024  # bound of the Predict queue; full -> RESOURCE_EXHAUSTED
     max_message_bytes: int = 4 * 1024 * 1024  # largest gRPC message received or sent
     max_workers: int = 16  # gRPC handler threads
+    # Bulk outcome streams served at once (each holds a handler thread while open); more are refused
+    # with RESOURCE_EXHAUSTED, so that Predict and health keep threads. 0: a quarter of max_workers.
+    max_bulk_streams: int = 0
     grace_seconds: float = 5.0  # on shutdown, in-flight calls get this long to finish
     # How long a Predict's inputs are kept so that RecordOutcome can name just its event_id.
     event_horizon_seconds: float = 86400.0
@@ -139,6 +142,12 @@ class ServiceConfig:
     def metrics_enabled(self) -> bool:
         return self.metrics_port != -1
 
+    @property
+    def bulk_streams(self) -> int:
+        """How many bulk outcome streams are served at once: max_bulk_streams, or with 0 a quarter of
+        max_workers (at least 1)."""
+        return self.max_bulk_streams or max(1, self.max_workers // 4)
+
 
 # The service's own parameters, in declaration order (everything except the nested `fusion`).
 # Secrets: never in an error message, a log line, repr() or to_dict() (which shows MASK instead).
@@ -162,6 +171,9 @@ SERVICE_HELP: dict[str, str] = {
     "predict_queue_size": "bound of the Predict queue; when full, calls get RESOURCE_EXHAUSTED",
     "max_message_bytes": "largest gRPC message received or sent, in bytes",
     "max_workers": "gRPC handler threads",
+    "max_bulk_streams": "bulk outcome streams (RecordOutcomes, RecordOutcomeBatches) served at once, each holding a "
+                        "handler thread; more get RESOURCE_EXHAUSTED, so that Predict and health keep threads. 0: a "
+                        "quarter of max_workers (4 with the default 16)",
     "grace_seconds": "shutdown grace: in-flight calls get this long to finish",
     "event_horizon_seconds": "how long Predict inputs are kept for RecordOutcome by event_id",
     "n_models": "number of experts per event",
@@ -268,6 +280,9 @@ def _validate(c: ServiceConfig) -> None:
     need(1024 <= c.max_message_bytes <= MAX_MESSAGE_BYTES_LIMIT, "max_message_bytes",
          f"must be in [1024, {MAX_MESSAGE_BYTES_LIMIT}], got {c.max_message_bytes}")
     need(c.max_workers >= 1, "max_workers", f"must be >= 1, got {c.max_workers}")
+    need(c.max_bulk_streams == 0 or 1 <= c.max_bulk_streams < c.max_workers, "max_bulk_streams",
+         f"must be 0 (a quarter of max_workers) or in [1, max_workers - 1 = {c.max_workers - 1}] (a handler thread "
+         f"stays for Predict and health), got {c.max_bulk_streams}")
     need(c.grace_seconds >= 0.0, "grace_seconds", f"must be >= 0, got {c.grace_seconds}")
     need(c.event_horizon_seconds > 0.0, "event_horizon_seconds", f"must be > 0, got {c.event_horizon_seconds}")
     need(c.n_models >= 1, "n_models", f"must be >= 1, got {c.n_models}")

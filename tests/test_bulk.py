@@ -419,3 +419,113 @@ def test_catching_up_with_a_backlog_is_not_an_outcome_for_the_no_outcomes_gauge(
     _wait_trained(client, 1300)
     gauge = svc.metrics.registry.get_sample_value("fusion_last_outcome_timestamp_seconds")
     assert started <= gauge <= acknowledged
+
+
+def _raw_stream_rows(events, prefix):
+    from titan_fusion.client.pb import fusion_pb2 as pb
+    return [pb_row({"experts": e, "features": f, "event_id": f"{prefix}{i}"}) for i, (e, f, _) in enumerate(events)]
+
+
+def test_bulk_streams_beyond_max_bulk_streams_are_refused_and_predict_and_health_keep_threads(tmp_path, stream):
+    """Each open bulk stream holds a handler thread: with max_bulk_streams open (idle, as a replay
+    stalled on a slow file), Predict, Stats and health are still answered, and one more stream is
+    refused at once with RESOURCE_EXHAUSTED naming the setting; the open ones then finish as usual."""
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+    svc, port = create_server(ServiceConfig(port=0, metrics_port=-1, data_dir=str(tmp_path / "data"), fusion=FAST,
+                                            checkpoint_every=0, max_workers=4, max_bulk_streams=2),
+                              registry=CollectorRegistry())
+    assert svc.wait_ready(30)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.FusionServiceStub(channel)
+    rows = _raw_stream_rows(stream(68, 30), "held")
+    release = threading.Event()
+    sent = [threading.Event(), threading.Event()]
+
+    def held(k):
+        yield rows[k]
+        sent[k].set()
+        release.wait(30)
+
+    try:
+        calls = [stub.RecordOutcomes.future(held(k), timeout=30) for k in range(2)]
+        assert all(e.wait(10) for e in sent)
+        time.sleep(0.2)  # both streams are in their handlers
+        with FusionClient(f"127.0.0.1:{port}", timeout=5, fallback=False) as client:
+            assert client.stats()["service"]["journal_sequence"] == 0
+            assert client.predict(*next(stream(69, 1))[:2]).source == "average"
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RecordOutcomes(iter(rows[2:3]), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "service.max_bulk_streams" in refused.value.details()
+            assert time.monotonic() - started < 5
+            release.set()
+            assert [c.result(timeout=10).accepted for c in calls] == [1, 1]
+            assert stub.RecordOutcomes(iter(rows[2:3]), timeout=10).accepted == 1  # a thread is free again
+    finally:
+        release.set()
+        channel.close()
+        svc.stop(grace=1)
+
+
+def test_a_bulk_answer_lists_rejections_within_the_message_limit(tmp_path, stream):
+    """Every rejected row is counted, but the listed ones (each message cut to 500 characters) stop
+    within a quarter of max_message_bytes: the answer always fits, and the rows accepted before
+    are acknowledged rather than lost behind a RESOURCE_EXHAUSTED."""
+    svc, port = create_server(ServiceConfig(port=0, metrics_port=-1, data_dir=str(tmp_path / "data"), fusion=FAST,
+                                            checkpoint_every=0, max_message_bytes=16 * 1024),
+                              registry=CollectorRegistry())
+    assert svc.wait_ready(30)
+    try:
+        with FusionClient(f"127.0.0.1:{port}", timeout=10, fallback=False) as client:
+            events = list(stream(70, 90))
+            rows = [{"experts": e, "features": f, "actual_direction": d, "event_id": f"lim{i}"}
+                    for i, (e, f, d) in enumerate(events)]
+            for r in rows[30:]:  # 60 rows with 8 unknown features of long names each
+                r["features"] = {**r["features"], **{f"{k}" + "u" * 100: 1.0 for k in range(8)}}
+            result = client.record_outcomes(rows, max_message_bytes=8 * 1024)
+            assert (result.accepted, result.rejected) == (30, 60)
+            assert 0 < len(result.rejections) < 60
+            assert all(len(r["message"]) <= 500 and r["code"] == "INVALID_ARGUMENT" for r in result.rejections)
+            assert [r["index"] for r in result.rejections] == list(range(30, 30 + len(result.rejections)))
+            assert client.stats()["service"]["outcomes"] == 30
+    finally:
+        svc.stop(grace=1)
+
+
+def test_a_stream_that_ends_early_counts_in_stats_what_it_journaled(service, stream):
+    """A client that cancels its stream: the chunks handed to the owner are journaled and learned,
+    and Stats' outcome count says so (it was counted only at the stream's end)."""
+    import threading
+
+    import grpc
+
+    from titan_fusion.client.pb import fusion_pb2_grpc as pb_grpc
+    svc, client, port = service
+    rows = _raw_stream_rows(stream(71, 1100), "gone")
+    hold = threading.Event()
+
+    def rows_then_wait():
+        yield from rows
+        hold.wait(30)
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.FusionServiceStub(channel).RecordOutcomes.future(rows_then_wait(), timeout=30)
+        deadline = time.monotonic() + 20
+        while client.stats()["service"]["journal_sequence"] < 1024:  # two chunks of 512 handed over
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        call.cancel()
+        hold.set()
+    deadline = time.monotonic() + 20
+    while (s := client.stats()["service"])["outcomes"] != s["journal_sequence"]:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    assert s["journal_sequence"] == 1024

@@ -190,3 +190,16 @@ def test_single_event_net_equals_numpy_net_for_many_shapes():
                 p1, a1 = one.forward(x.ravel().tolist() + one.features(raw.tolist()) + [1.0])
                 assert abs(p1 - p[0]) < 1e-12
                 assert np.abs(np.array(a1) - a[0]).max() < 1e-12
+
+
+@pytest.mark.parametrize("names", [("model_1", "", "x"), ("", "model_0", ""), ("a", "", "b")])
+def test_the_plain_average_has_one_attention_weight_per_expert_whatever_their_names(names):
+    """An unnamed expert is model_<i> in the attention map; when that would repeat a name given to
+    another expert, every key is model_<i>: one weight per expert, summing to 1 (as the client's
+    local fallback)."""
+    from titan_fusion.server.inference import Event, average_prediction
+    p = average_prediction(Event.parse([{"prob_up": 0.5, "name": n} if n else {"prob_up": 0.5} for n in names]),
+                           "wrong_expert_count", 1)
+    assert len(p.attention) == 3 and sum(p.attention.values()) == pytest.approx(1.0)
+    if names == ("a", "", "b"):
+        assert list(p.attention) == ["a", "model_1", "b"]

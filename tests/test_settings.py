@@ -36,6 +36,7 @@ def test_defaults():
     assert (c.host, c.port, c.metrics_host, c.metrics_port) == ("127.0.0.1", 50051, "127.0.0.1", 9464)
     assert c.data_dir == "var"
     assert (c.queue_size, c.predict_queue_size, c.max_message_bytes, c.max_workers) == (1024, 1024, 4 * 1024 * 1024, 16)
+    assert (c.max_bulk_streams, c.bulk_streams) == (0, 4)  # 0: a quarter of max_workers
     assert (c.grace_seconds, c.event_horizon_seconds, c.n_models) == (5.0, 86400.0, 4)
     assert (c.checkpoint_every, c.checkpoints_keep, c.log_level) == (1000, 5, "INFO")
     assert c.fusion == FusionConfig() and c.metrics_enabled
@@ -91,6 +92,8 @@ def test_flags_override_env(toml_file):
     ({"overrides": {"predict_queue_size": 0}}, "service.predict_queue_size", ">= 1"),
     ({"overrides": {"max_message_bytes": 2**31}}, "service.max_message_bytes", "must be in"),
     ({"overrides": {"max_workers": 0}}, "service.max_workers", ">= 1"),
+    ({"overrides": {"max_bulk_streams": 16}}, "service.max_bulk_streams", "[1, max_workers - 1 = 15]"),
+    ({"overrides": {"max_bulk_streams": -1}}, "service.max_bulk_streams", "got -1"),
     ({"overrides": {"grace_seconds": -1}}, "service.grace_seconds", ">= 0"),
     ({"overrides": {"grace_seconds": "inf"}}, "service.grace_seconds", "finite"),
     ({"overrides": {"event_horizon_seconds": 0}}, "service.event_horizon_seconds", "> 0"),
