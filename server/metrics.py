@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
@@ -236,11 +236,13 @@ class Metrics:
             if name != "OK":
                 self.rpc_errors.labels(method, name).inc()
 
-    def set_queue_depth(self, queue: str, depth: int) -> None:
+    def watch_queue_depth(self, queue: str, depth: Callable[[], float]) -> None:
+        """fusion_queue_depth{queue} is `depth()` read at each scrape: the live depth even while
+        the queue's consumer is stuck (which is when FusionQueueBacklog matters)."""
         child = self._queue_depth.get(queue)
         if child is None:
             raise ValueError(f"unknown queue {queue!r} (known: {', '.join(QUEUES)})")
-        child.set(depth)
+        child.set_function(depth)
 
     def count_checkpoint(self, action: str, ok: bool = True) -> None:
         """Count a checkpoint `action` ("save" or "restore"), or its failure when ok is False."""

@@ -491,6 +491,8 @@ class FusionService:
                                                   config.underperform_min_outcomes))
         self.predictor = Predictor(self.owner, max_pending=config.predict_queue_size,
                                    on_predictions=self._predicted)
+        self.metrics.watch_queue_depth("owner", lambda: self.owner.queue_depth)
+        self.metrics.watch_queue_depth("predict", lambda: self.predictor.depth)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         options = [*SERVER_KEEPALIVE_OPTIONS,
                    ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -523,7 +525,6 @@ class FusionService:
         self.metrics.observe_attention(pub.serving.weights(pub.snapshot.schema.names))
         self.metrics.observe_live(pub.live, pub.last_outcome_time)
         self.metrics.training_lag.set(pub.training_lag)
-        self.metrics.set_queue_depth("owner", self.owner.queue_depth)
 
     def _owner_failed(self, e: BaseException) -> None:
         """The model owner stopped (a bug, or a trainer that keeps dying): report NOT_SERVING, so
@@ -538,7 +539,6 @@ class FusionService:
         for p in preds:
             if isinstance(p, Prediction):
                 self.metrics.count_prediction(p.source, p.reason)
-        self.metrics.set_queue_depth("predict", self.predictor.depth)
 
     def start(self) -> "FusionService":
         for name in ("", SERVICE_NAME):

@@ -134,10 +134,13 @@ def test_custom_methods():
 
 
 def test_queue_depth_and_checkpoints(metrics):
-    metrics.set_queue_depth("owner", 17)
-    metrics.set_queue_depth("predict", 3)
+    depth = {"owner": 17, "predict": 3}
+    metrics.watch_queue_depth("owner", lambda: depth["owner"])
+    metrics.watch_queue_depth("predict", lambda: depth["predict"])
     assert value(metrics, "fusion_queue_depth", queue="owner") == 17.0
     assert value(metrics, "fusion_queue_depth", queue="predict") == 3.0
+    depth["owner"] = 5  # read at each scrape, not when last set
+    assert value(metrics, "fusion_queue_depth", queue="owner") == 5.0
     metrics.count_checkpoint("save")
     metrics.count_checkpoint("save")
     metrics.count_checkpoint("restore")
@@ -146,7 +149,7 @@ def test_queue_depth_and_checkpoints(metrics):
     assert value(metrics, "fusion_checkpoints_total", action="restore") == 1.0
     assert value(metrics, "fusion_checkpoint_errors_total", action="save") == 1.0
     with pytest.raises(ValueError):
-        metrics.set_queue_depth("other", 1)
+        metrics.watch_queue_depth("other", lambda: 1)
     with pytest.raises(ValueError):
         metrics.count_checkpoint("delete")
 

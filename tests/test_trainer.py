@@ -404,3 +404,35 @@ def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: p
     finally:
         running.close()
     assert [p[0] for p in served] == _probe_one_at_a_time(_uninterrupted(evs))
+
+
+def test_the_queue_depth_gauge_is_live_while_the_owner_is_stuck(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fusion_queue_depth{queue="owner"} reads the queue at each scrape: with the trainer stopped
+    (the owner waits on it), the outcomes queued behind show, as Stats' queue_depth does. It was
+    set only when the owner published, so it read 0 exactly when FusionQueueBacklog mattered."""
+    import threading
+
+    from titan_fusion.server import trainer as trainer_module
+    evs = events(9, 25)
+    svc, port, registry = start(tmp_path / "data")
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        c = running.client(timeout=60)
+        learn(c, evs[:20], "q")
+        assert running.sample("fusion_queue_depth", {"queue": "owner"}) == 0
+        monkeypatch.setattr(trainer_module, "CALL_TIMEOUT_SECONDS", 5.0)
+        first = svc.owner.trainer.pid
+        os.kill(first, signal.SIGSTOP)
+        senders = [threading.Thread(target=learn, args=(running.client(timeout=60), [ev], "q", 20 + i))
+                   for i, ev in enumerate(evs[20:])]
+        for t in senders:
+            t.start()
+        wait_until(lambda: running.sample("fusion_queue_depth", {"queue": "owner"}) >= 3, 4.5,
+                   "the gauge to show the outcomes queued behind the stuck one")
+        assert c.stats()["service"]["queue_depth"] >= 3
+        for t in senders:
+            t.join(30)
+        assert running.sample("fusion_queue_depth", {"queue": "owner"}) == 0
+        assert c.stats()["samples_trained"] == 25
+    finally:
+        running.close()
