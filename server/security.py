@@ -30,6 +30,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, Callable
 import grpc
 
 from .errors import ConfigError
-from .settings import SERVICE_PREFIX, ServiceConfig
+from .settings import SERVICE_PREFIX, TOKEN_RULE, ServiceConfig, token_ok
 
 log = logging.getLogger("titan_fusion.server.security")
 
@@ -53,10 +54,22 @@ TOKEN_RELOAD_SECONDS = 1.0
 
 # --- the token ----------------------------------------------------------------------------------
 
+class BadTokenLine(ValueError):
+    """A line of the token file is not a valid token (what is wrong, never the value)."""
+
+
 def _read_tokens(path: Path) -> tuple[str, ...]:
-    """The tokens in a token file: one per non-empty line, '#' starts a comment line."""
-    text = path.read_text(encoding="utf-8")
-    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    """The tokens in a token file: one per non-empty line, '#' starts a comment line. Each must be
+    a valid token (settings.token_ok), as the `token` setting must: BadTokenLine otherwise."""
+    tokens = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not token_ok(token):
+            raise BadTokenLine(f"line {number}: a token {TOKEN_RULE}")
+        tokens.append(token)
+    return tuple(tokens)
 
 
 class TokenSource:
@@ -75,6 +88,8 @@ class TokenSource:
         self._stamp = self._signature()
         try:
             tokens = _read_tokens(self._file)
+        except BadTokenLine as e:
+            raise ConfigError(SERVICE_PREFIX + "token_file", f"{self._file}: {e}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(SERVICE_PREFIX + "token_file",
                               f"{self._file}: cannot read it ({getattr(e, 'strerror', None) or type(e).__name__})") from None
@@ -110,6 +125,8 @@ class TokenSource:
                 self._stamp = stamp
                 try:
                     tokens = _read_tokens(self._file)
+                except BadTokenLine as e:
+                    tokens, why = (), f"its {e}"
                 except (OSError, UnicodeDecodeError) as e:
                     tokens = ()
                     why = getattr(e, "strerror", None) or type(e).__name__
@@ -229,6 +246,21 @@ def _read_pem(path: str, parameter: str) -> bytes:
     return data
 
 
+def _check_pair(cert_file: str, key_file: str) -> None:
+    """The certificate chain loads and the key is its own (Python's ssl, before gRPC sees them:
+    gRPC reports a bad pair only as a failure to bind the port)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # a password-protected key fails here (gRPC cannot use one) instead of prompting for it
+        context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(SERVICE_PREFIX + "tls_key_file",
+                              f"{key_file}: not the private key of the certificate in {cert_file}") from None
+        raise ConfigError(SERVICE_PREFIX + "tls_cert_file",
+                          f"{cert_file} with {key_file}: not a certificate chain and its private key "
+                          f"({e.reason or e})") from None
+
+
 class CertificateReloader:
     """The server's TLS material, re-read when a file changes: gRPC asks `fetch()` before each
     new connection's handshake; it answers a new configuration only when the files changed."""
@@ -254,6 +286,7 @@ class CertificateReloader:
 
     def _configuration(self) -> Any:
         pem = {name: _read_pem(path, name) for name, path in self._paths.items()}
+        _check_pair(self._paths["tls_cert_file"], self._paths["tls_key_file"])
         return grpc.ssl_server_certificate_configuration(
             [(pem["tls_key_file"], pem["tls_cert_file"])], root_certificates=pem.get("tls_client_ca_file"))
 

@@ -157,6 +157,13 @@ MASK = "********"
 OPTIONAL_STRING_FIELDS: tuple[str, ...] = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "token",
                                            "token_file")
 MIN_TOKEN_LENGTH = 16
+TOKEN_RULE = f"must be at least {MIN_TOKEN_LENGTH} printable characters without spaces (the value is not shown)"
+
+
+def token_ok(token: str) -> bool:
+    """What every accepted bearer token must be, from `token` or a line of `token_file`: a
+    placeholder such as "x" or "changeme" must never become a credential."""
+    return len(token) >= MIN_TOKEN_LENGTH and token.isprintable() and " " not in token
 SERVICE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ServiceConfig) if f.name != "fusion")
 _SERVICE_TYPES = {f.name: f.type for f in fields(ServiceConfig) if f.name != "fusion"}
 _FUSION_TYPES = {f.name: f.type for f in fields(FusionConfig)}
@@ -309,9 +316,7 @@ def _validate(c: ServiceConfig) -> None:
     need(not c.tls_client_ca_file or bool(c.tls_cert_file), "tls_client_ca_file",
          "mutual TLS needs TLS: set tls_cert_file and tls_key_file too")
     need(not (c.token and c.token_file), "token", "set token or token_file, not both")
-    need(not c.token or (len(c.token) >= MIN_TOKEN_LENGTH and c.token.isprintable() and " " not in c.token),
-         "token", f"must be at least {MIN_TOKEN_LENGTH} printable characters without spaces "
-                  "(the value is not shown)")
+    need(not c.token or token_ok(c.token), "token", TOKEN_RULE)
     for flag in ("protect_reads", "protect_health"):
         need(not getattr(c, flag) or bool(c.token or c.token_file), flag,
              "protects nothing without a token: set token (TITAN_FUSION_TOKEN) or token_file")

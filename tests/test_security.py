@@ -330,6 +330,8 @@ def test_token_file_holds_several_tokens_and_is_reread(serve: Any, tmp_path: Pat
     assert source.accepts(new) and not source.accepts(old)
     path.write_text("")  # an emptied file never opens the service: the last tokens stay
     assert source.accepts(new)
+    path.write_text("x\n")  # nor does a placeholder become a credential
+    assert source.accepts(new) and not source.accepts("x")
 
 
 def test_unreadable_security_files_are_refused_naming_the_parameter(tmp_path: Path, pki: SimpleNamespace) -> None:
@@ -343,6 +345,18 @@ def test_unreadable_security_files_are_refused_naming_the_parameter(tmp_path: Pa
     (tmp_path / "empty").write_text("\n# nothing\n")
     with pytest.raises(ConfigError, match=r"^service\.token_file: .*holds no token"):
         start(tmp_path / "d", token_file=str(tmp_path / "empty"))
+    # a token file's lines follow the token setting's rule (and the value is never shown)
+    (tmp_path / "placeholder").write_text("# set me\nchangeme\n")
+    with pytest.raises(ConfigError, match=r"^service\.token_file: .*line 2: a token must be at least 16 printable") as e:
+        start(tmp_path / "e", token_file=str(tmp_path / "placeholder"))
+    assert "changeme" not in str(e.value)
+    # a key that is not the certificate's, or a corrupt certificate: named as such (gRPC alone
+    # reported "cannot listen on ...", as if the port were taken)
+    with pytest.raises(ConfigError, match=r"^service\.tls_key_file: .*not the private key of the certificate"):
+        start(tmp_path / "f", tls_cert_file=pki.server_pem, tls_key_file=pki.client_key)
+    (tmp_path / "garbled.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match=r"^service\.tls_cert_file: .*not a certificate chain and its private key"):
+        start(tmp_path / "g", tls_cert_file=str(tmp_path / "garbled.pem"), tls_key_file=pki.server_key)
     # Refused before the data directory was locked: a correct start on it works at once.
     svc, _, _ = start(tmp_path / "a")
     svc.stop(grace=0)
