@@ -103,6 +103,13 @@ def _number(value: Any) -> float:
 
 def read_file(path: Path) -> tuple[Iterator[Mapping[str, Any]], int | None, list[str]]:
     """Rows of a CSV or Parquet file, their count when cheap to know, and the column names."""
+    try:
+        return _read_file(path)
+    except OSError as e:  # a missing or unreadable file: one line, not a traceback
+        raise SystemExit(f"{path}: {e.strerror or e}") from None
+
+
+def _read_file(path: Path) -> tuple[Iterator[Mapping[str, Any]], int | None, list[str]]:
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq

@@ -430,8 +430,12 @@ class DataDirLock:
     """One service per data directory: two owners would interleave one journal."""
 
     def __init__(self, data_dir: Path):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a file in the way, no permission, a read-only mount: say which setting
+            raise ConfigError(SERVICE_PREFIX + "data_dir",
+                              f"{data_dir}: cannot use it as the data directory ({e.strerror or e})") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

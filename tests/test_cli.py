@@ -119,7 +119,7 @@ def test_events_through_the_served_service_show_in_stats_and_metrics(server: Ser
         assert [a.samples_trained for a in acks] == list(range(before + 1, before + 26))
     r = run("stats", "--target", server.target)
     assert r.returncode == 0, r.stderr
-    stats = json.loads(r.stdout)
+    stats = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))  # no NaN/Infinity
     assert stats["samples_trained"] == before + 25 and stats["service"]["outcomes"] >= 25
     assert stats["expert_names"] == ["good", "noise0", "noise1", "noise2"]
     m = scrape(server.metrics_port)
@@ -142,6 +142,13 @@ def test_a_second_server_on_the_same_data_directory_is_refused(server: Server) -
     assert "another titan-fusion service is using the data directory" in r.stderr
     assert "Traceback" not in r.stderr
     assert run("health", "--target", server.target).returncode == 0  # the first one is unharmed
+
+
+def test_a_data_directory_that_cannot_be_one_is_named_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    r = run("serve", "--port", "0", "--metrics-port", "-1", "--data-dir", str(tmp_path / "a-file"), timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"service.data_dir: {tmp_path / 'a-file'}: cannot use it as the data directory" in r.stderr
 
 
 def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path: Path) -> None:
@@ -216,3 +223,20 @@ def test_a_busy_port_is_refused_with_one_clear_line(tmp_path: Path, flag: str) -
     assert r.returncode == 1
     assert port in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_stats_json_has_null_where_a_value_is_not_finite() -> None:
+    """`titan-fusion stats` prints JSON that strict parsers (jq, JavaScript) read: a loss before
+    training starts (NaN) or the best validation loss before any (infinity) is null."""
+    from titan_fusion.server.cli import _json_safe
+    stats = {"train_loss": float("nan"), "best_val_loss": float("inf"), "samples_trained": 0,
+             "history": [{"val_loss": float("-inf")}], "attention": {"a": 0.5}}
+    assert json.loads(json.dumps(_json_safe(stats), allow_nan=False)) == {
+        "train_loss": None, "best_val_loss": None, "samples_trained": 0, "history": [{"val_loss": None}],
+        "attention": {"a": 0.5}}
+
+
+def test_replay_of_a_missing_file_says_so_in_one_line(tmp_path: Path) -> None:
+    r = run("replay", str(tmp_path / "nope.csv"), "--target", "127.0.0.1:1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"{tmp_path / 'nope.csv'}: No such file or directory"
