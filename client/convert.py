@@ -79,7 +79,7 @@ class BulkResult:
 
     accepted: int  # journaled; learned in order (training may trail: Stats training_lag)
     duplicates: int  # event_id already recorded: not learned again
-    rejected: int  # refused rows; the first 100 in `rejections`
+    rejected: int  # refused rows; the first ones in `rejections` (at most 100, within a size budget)
     rejections: tuple[dict[str, Any], ...]  # {"index", "event_id", "code", "message"}
     journal_sequence: int
 

@@ -494,8 +494,8 @@ class Schema:
             if tuple(names) != self.expert_names:  # (in schema order, the usual case: nothing to do)
                 unknown = [n for n in names if n not in self.expert_names]
                 if unknown:
-                    raise FusionInputError(field, f"unknown expert name(s) {', '.join(map(repr, unknown))}; "
-                                           f"expected {', '.join(self.expert_names)}")
+                    raise FusionInputError(field, f"unknown expert name(s) {listed(unknown)}; "
+                                           f"expected {listed(self.expert_names, SCHEMA_LISTED)}")
                 index = {n: i for i, n in enumerate(names)}
                 order = [index[n] for n in self.expert_names]
         elif any(names):  # partly named: matched by position, so each name must be its position's
@@ -505,7 +505,7 @@ class Schema:
                              else "not in the schema")
                     raise FusionInputError(f"{field}[{i}].name", f"{n!r} is {where}, and experts that are not all named "
                                            f"are matched by position: expected {self.expert_names[i]!r} here (the "
-                                           f"schema: {', '.join(self.expert_names)}); name every expert to send "
+                                           f"schema: {listed(self.expert_names, SCHEMA_LISTED)}); name every expert to send "
                                            "them in any order")
         new_feature_names = None
         schema = self.feature_names
@@ -516,12 +516,15 @@ class Schema:
         unknown = sorted(set(ev.features) - set(schema))
         if unknown:
             raise FusionInputError("features", f"unknown feature(s) {listed(unknown)}; the schema is "
-                                   f"[{listed(schema)}]")
+                                   f"[{listed(schema, SCHEMA_LISTED)}]")
         missing = [n for n in schema if n not in ev.features]
         if missing and self.missing_features == "reject":
             raise FusionInputError("features", f"missing feature(s) {listed(missing)}; the schema is "
-                                   f"[{listed(schema)}] (set fusion.missing_features = \"mean\" to impute)")
+                                   f"[{listed(schema, SCHEMA_LISTED)}] (set fusion.missing_features = \"mean\" to impute)")
         return order, schema, new_expert_names, new_feature_names
+
+
+SCHEMA_LISTED = 32  # names of the schema shown in an error message (the caller's own: 8)
 
 
 def listed(names: Sequence[str], limit: int = 8, width: int = 64) -> str:

@@ -56,6 +56,10 @@ from typing import Any, Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
 
+# The statuses the service answers with (server/service.py STATUS_OF, the token check, a cancelled
+# stream): their fusion_rpc_errors_total series exist at 0 before the first.
+ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+               "DEADLINE_EXCEEDED", "CANCELLED", "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL")
 DEFAULT_METHODS = ("Predict", "RecordOutcome", "RecordOutcomes", "RecordOutcomeBatches", "Stats", "Checkpoint")
 QUEUES = ("owner", "predict")
 LIVE_SOURCES = ("served", "fusion", "average")
@@ -141,9 +145,14 @@ class Metrics:
         self.checkpoint_errors = Counter("fusion_checkpoint_errors_total", "Checkpoint saves and restores that failed.",
                                          ("action",), registry=r)
         self._checkpoint_errors = {a: self.checkpoint_errors.labels(a) for a in CHECKPOINT_ACTIONS}
-        # Codes are labelled lazily: only the ones that happen appear.
+        # The codes the service answers with exist at 0 from the start: Prometheus' increase() cannot
+        # see the first error of a series that appears with it, and a trader's few calls an hour make
+        # that error count (FusionHighErrorRatio). Other codes appear when they happen.
         self.rpc_errors = Counter("fusion_rpc_errors_total", "RPCs that ended with a non-OK gRPC status.",
                                   ("method", "code"), registry=r)
+        for m in self.methods:
+            for code in ERROR_CODES:
+                self.rpc_errors.labels(m, code)
 
         # --- latency ---
         self.rpc_duration_histogram = Histogram("fusion_rpc_duration_seconds", "RPC handling time in seconds.",

@@ -54,22 +54,24 @@ TOKEN_RELOAD_SECONDS = 1.0
 
 # --- the token ----------------------------------------------------------------------------------
 
-class BadTokenLine(ValueError):
-    """A line of the token file is not a valid token (what is wrong, never the value)."""
-
-
-def _read_tokens(path: Path) -> tuple[str, ...]:
-    """The tokens in a token file: one per non-empty line, '#' starts a comment line. Each must be
-    a valid token (settings.token_ok), as the `token` setting must: BadTokenLine otherwise."""
-    tokens = []
+def _read_tokens(path: Path) -> tuple[tuple[str, ...], list[int]]:
+    """The tokens in a token file: one per non-empty line, '#' starts a comment line; and the
+    numbers of the lines that are not valid tokens (settings.token_ok, as for the `token` setting),
+    which are not accepted."""
+    tokens, bad = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         token = line.strip()
         if not token or token.startswith("#"):
             continue
-        if not token_ok(token):
-            raise BadTokenLine(f"line {number}: a token {TOKEN_RULE}")
-        tokens.append(token)
-    return tuple(tokens)
+        if token_ok(token):
+            tokens.append(token)
+        else:
+            bad.append(number)
+    return tuple(tokens), bad
+
+
+def _bad_lines(bad: list[int]) -> str:
+    return f"line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: a token {TOKEN_RULE}"
 
 
 class TokenSource:
@@ -87,12 +89,12 @@ class TokenSource:
             return
         self._stamp = self._signature()
         try:
-            tokens = _read_tokens(self._file)
-        except BadTokenLine as e:
-            raise ConfigError(SERVICE_PREFIX + "token_file", f"{self._file}: {e}") from None
+            tokens, bad = _read_tokens(self._file)
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(SERVICE_PREFIX + "token_file",
                               f"{self._file}: cannot read it ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        if bad:  # at start, refused: an operator is there to fix the file
+            raise ConfigError(SERVICE_PREFIX + "token_file", f"{self._file}: {_bad_lines(bad)}")
         if not tokens:
             raise ConfigError(SERVICE_PREFIX + "token_file", f"{self._file}: holds no token")
         self._tokens = tokens
@@ -124,14 +126,14 @@ class TokenSource:
             if stamp != self._stamp:
                 self._stamp = stamp
                 try:
-                    tokens = _read_tokens(self._file)
-                except BadTokenLine as e:
-                    tokens, why = (), f"its {e}"
+                    tokens, bad = _read_tokens(self._file)
                 except (OSError, UnicodeDecodeError) as e:
-                    tokens = ()
+                    tokens, bad = (), []
                     why = getattr(e, "strerror", None) or type(e).__name__
                 else:
-                    why = "it holds no token"
+                    why = "it holds no valid token"
+                if bad:  # the valid lines are the tokens now (a revocation must not wait for a typo)
+                    log.warning("token file %s: %s; not accepted", self._file, _bad_lines(bad))
                 if tokens:
                     self._tokens = tokens
                     log.info("token file %s re-read: %d token(s) accepted", self._file, len(tokens))
@@ -248,17 +250,25 @@ def _read_pem(path: str, parameter: str) -> bytes:
 
 def _check_pair(cert_file: str, key_file: str) -> None:
     """The certificate chain loads and the key is its own (Python's ssl, before gRPC sees them:
-    gRPC reports a bad pair only as a failure to bind the port)."""
+    gRPC reports a bad pair only as a failure to bind the port). No OpenSSL security level: gRPC's
+    BoringSSL has none and serves a 1024-bit RSA key or a SHA-1 signature, so refusing them here
+    would stop a service that starts today."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert_file)  # the certificates alone
+    except ssl.SSLError as e:
+        raise ConfigError(SERVICE_PREFIX + "tls_cert_file",
+                          f"{cert_file}: no certificate can be read from it ({e.reason or e})") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("ALL:@SECLEVEL=0")
     try:  # a password-protected key fails here (gRPC cannot use one) instead of prompting for it
         context.load_cert_chain(cert_file, key_file, password=lambda: b"")
     except ssl.SSLError as e:
         if e.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(SERVICE_PREFIX + "tls_key_file",
                               f"{key_file}: not the private key of the certificate in {cert_file}") from None
-        raise ConfigError(SERVICE_PREFIX + "tls_cert_file",
-                          f"{cert_file} with {key_file}: not a certificate chain and its private key "
-                          f"({e.reason or e})") from None
+        raise ConfigError(SERVICE_PREFIX + "tls_key_file",
+                          f"{key_file}: not a usable private key (unencrypted PEM) for the certificate in "
+                          f"{cert_file} ({e.reason or e})") from None
 
 
 class CertificateReloader:

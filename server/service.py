@@ -82,16 +82,21 @@ _PredictResponse = pb.PredictResponse
 BULK_CHUNK = 512  # RecordOutcomes rows per owner work item (one journal transaction)
 BULK_INFLIGHT = 2  # chunks of one stream queued at the owner at once
 MAX_LISTED_REJECTIONS = 100
-# A status message travels as a header, and grpc refuses headers over 16 KiB (the caller would get
-# RESOURCE_EXHAUSTED instead of the real status): messages quote the caller's input, so cap them.
-MAX_STATUS_MESSAGE = 1000  # characters (up to 12 bytes each, percent-encoded)
-MAX_LISTED_MESSAGE = 500  # characters of each listed bulk rejection's message
+BULK_DRAIN_SECONDS = 5.0  # after a cancelled stream, how long its handed-over chunks are waited for (Stats)
+# A status message travels as a header, percent-encoded (3 bytes for each non-ASCII byte), and a
+# grpc client refuses headers over 8 KiB at random, 16 KiB always (the caller gets RESOURCE_EXHAUSTED
+# instead of the real status): messages quote the caller's input, so cap them, in UTF-8 bytes.
+MAX_STATUS_MESSAGE = 2000  # UTF-8 bytes: at most 6,000 once percent-encoded
+MAX_LISTED_MESSAGE = 500  # UTF-8 bytes of each listed bulk rejection's message
 
 
 def bounded(message: str, limit: int = MAX_STATUS_MESSAGE) -> str:
-    """`message`, cut to `limit` characters with a mark that it was cut."""
+    """`message`, cut to `limit` UTF-8 bytes (on a character boundary) with a mark that it was cut."""
+    data = message.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return message
     cut = " ... (truncated)"
-    return message if len(message) <= limit else message[:limit - len(cut)] + cut
+    return data[:limit - len(cut)].decode("utf-8", "ignore") + cut
 
 
 def status_of(e: Exception) -> grpc.StatusCode:
@@ -332,63 +337,76 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
 
         listed_bytes = 0
 
+        def count(ack: BulkAck) -> tuple[int, int]:
+            """Stats' counters, chunk by chunk: a stream that fails or ends early still counts
+            what was journaled."""
+            accepted = sum(kind == "accepted" for kind, _ in ack.results)
+            duplicates = sum(kind == "duplicate" for kind, _ in ack.results)
+            self._counters.add("outcomes", accepted)
+            self._counters.add("duplicates", duplicates)
+            return accepted, duplicates
+
         def collect(fut: futures.Future) -> None:
             ack: BulkAck = _wait(fut, deadline)
-            accepted, duplicates = resp.accepted, resp.duplicates
+            accepted, duplicates = count(ack)
+            resp.accepted += accepted
+            resp.duplicates += duplicates
             for kind, detail in ack.results:
-                if kind == "accepted":
-                    resp.accepted += 1
-                elif kind == "duplicate":
-                    resp.duplicates += 1
-                else:
+                if kind not in ("accepted", "duplicate"):
                     index, event_id, error = detail
                     reject(index, event_id, error)
             resp.journal_sequence = max(resp.journal_sequence, ack.journal_seq)
-            # counted chunk by chunk: a stream that ends early still counts what was journaled
-            self._counters.add("outcomes", resp.accepted - accepted)
-            self._counters.add("duplicates", resp.duplicates - duplicates)
 
         def reject(index: int, event_id: str, error: Exception) -> None:
             nonlocal listed_bytes
             resp.rejected += 1
-            if len(resp.rejected_outcomes) < MAX_LISTED_REJECTIONS and listed_bytes < self._listing_budget:
-                row = resp.rejected_outcomes.add(index=index, event_id=event_id, code=status_of(error).name,
-                                                 message=bounded(str(error), MAX_LISTED_MESSAGE))
-                listed_bytes += row.ByteSize()
+            if len(resp.rejected_outcomes) < MAX_LISTED_REJECTIONS:
+                row = pb.RejectedOutcome(index=index, event_id=event_id, code=status_of(error).name,
+                                         message=bounded(str(error), MAX_LISTED_MESSAGE))
+                size = row.ByteSize() + 4  # and its tag and length in the answer
+                if listed_bytes + size <= self._listing_budget:
+                    resp.rejected_outcomes.append(row)
+                    listed_bytes += size
 
         # The rows go to the owner as they came, converted there (bulk_row): this thread only
         # receives, so that receiving the next row never waits for converting the last one.
         chunk: list = []
         rows = enumerate(rows_in)
         received = 0
-        while True:
-            try:
-                index, request = next(rows)
-            except StopIteration:
-                break
-            except grpc.RpcError:
-                # The client cancelled or broke the stream. The chunks already handed to the owner
-                # are journaled; the rows of the chunk being gathered are dropped (a re-run with
-                # the same event_ids journals exactly what is missing).
-                log.info("a bulk outcome stream ended early: %d rows received, the first %d handed to the owner",
-                         received, received - len(chunk))
-                try:  # the chunks handed over are journaled: wait for them, so that Stats counts them
-                    while inflight:
+        gone = False
+        try:
+            while True:
+                try:
+                    index, request = next(rows)
+                except StopIteration:
+                    break
+                except grpc.RpcError:
+                    # The client cancelled or broke the stream. The chunks already handed to the
+                    # owner are journaled; the rows of the chunk being gathered are dropped (a re-run
+                    # with the same event_ids journals exactly what is missing).
+                    log.info("a bulk outcome stream ended early: %d rows received, the first %d handed to "
+                             "the owner", received, received - len(chunk))
+                    gone = True
+                    raise ClientGoneError("the client ended the stream") from None
+                received = index + 1
+                chunk.append((index, request))
+                if len(chunk) >= BULK_CHUNK:
+                    inflight.append(self._owner.submit("bulk", (chunk, bulk_row, stream), deadline, block=True))
+                    chunk = []
+                    while len(inflight) > BULK_INFLIGHT:  # back-pressure: at most this many chunks queued
                         collect(inflight.popleft())
-                except FusionError:
-                    pass  # the stream is gone either way; the owner logged what failed
-                raise ClientGoneError("the client ended the stream") from None
-            received = index + 1
-            chunk.append((index, request))
-            if len(chunk) >= BULK_CHUNK:
+            if chunk:
                 inflight.append(self._owner.submit("bulk", (chunk, bulk_row, stream), deadline, block=True))
-                chunk = []
-                while len(inflight) > BULK_INFLIGHT:  # back-pressure: at most this many chunks queued
-                    collect(inflight.popleft())
-        if chunk:
-            inflight.append(self._owner.submit("bulk", (chunk, bulk_row, stream), deadline, block=True))
-        while inflight:
-            collect(inflight.popleft())
+            while inflight:
+                collect(inflight.popleft())
+        except BaseException:
+            # Count the chunks handed over that the owner journaled (after a cancel, give it a moment
+            # to answer for them; after a failure, only those answered already), then fail as before.
+            futures.wait(inflight, timeout=BULK_DRAIN_SECONDS if gone else 0)
+            for fut in inflight:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    count(fut.result())
+            raise
         return resp
 
     @_rpc("Stats")

@@ -180,7 +180,7 @@ SERVICE_HELP: dict[str, str] = {
     "max_workers": "gRPC handler threads",
     "max_bulk_streams": "bulk outcome streams (RecordOutcomes, RecordOutcomeBatches) served at once, each holding a "
                         "handler thread; more get RESOURCE_EXHAUSTED, so that Predict and health keep threads. 0: a "
-                        "quarter of max_workers (4 with the default 16)",
+                        "quarter of max_workers, at least 1 (4 with the default 16; with max_workers 1, a stream takes the one thread)",
     "grace_seconds": "shutdown grace: in-flight calls get this long to finish",
     "event_horizon_seconds": "how long Predict inputs are kept for RecordOutcome by event_id",
     "n_models": "number of experts per event",

@@ -104,7 +104,7 @@ CASES = {
     "feature-name-too-long": predict(features={"x" * 200: 1.0}),
     # the message quotes the names: capped, or grpc would answer RESOURCE_EXHAUSTED (headers > 16 KiB)
     "features-unknown-many": predict(features={**FEATS, **{f"{i:03d}" + "v" * 125: 1.0 for i in range(200)}}),
-    "features-missing-many": outcome(features={f"{i:03d}" + "v" * 125: 1.0 for i in range(200)}),
+    "features-unknown-many-outcome": outcome(features={f"{i:03d}" + "v" * 125: 1.0 for i in range(200)}),
     "event-id-too-long": predict(event_id="e" * 300),
     "event-id-control": outcome(event_id="candle\n1"),
     "direction-missing": outcome(actual_direction=pb.DIRECTION_UNSPECIFIED),
@@ -122,6 +122,8 @@ CASES = {
     "checkpoint-hidden": checkpoint(A.ACTION_SAVE, ".hidden"),
     "checkpoint-too-long": checkpoint(A.ACTION_SAVE, "c" * 65),
     "checkpoint-name-huge": checkpoint(A.ACTION_RESTORE, "c" * 20000),
+    # 4 UTF-8 bytes, 12 percent-encoded: a cap in characters let this header past 8 KiB
+    "checkpoint-name-huge-emoji": checkpoint(A.ACTION_RESTORE, "\N{GRINNING FACE}" * 10000),
     "checkpoint-restore-unnamed": checkpoint(A.ACTION_RESTORE, ""),
     "checkpoint-list-named": checkpoint(A.ACTION_LIST, "x"),
     "checkpoint-link": checkpoint(A.ACTION_RESTORE, "escape"),

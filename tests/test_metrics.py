@@ -191,3 +191,15 @@ def test_the_batch_size_buckets_reach_the_largest_batch():
     from titan_fusion.server.metrics import BATCH_BUCKETS
     from titan_fusion.server.owner import MAX_PREDICT_BATCH
     assert BATCH_BUCKETS[-1] == MAX_PREDICT_BATCH
+
+
+def test_error_series_exist_at_zero_for_every_status_the_service_answers(metrics):
+    """increase() cannot see the first error of a series that appears with it: for a trader's few
+    calls an hour that error matters (FusionHighErrorRatio), so each method's series of every
+    status the service answers with exists from the start."""
+    from titan_fusion.server.metrics import ERROR_CODES
+    from titan_fusion.server.service import STATUS_OF
+    assert {code.name for _, code in STATUS_OF} | {"INTERNAL", "UNAUTHENTICATED", "PERMISSION_DENIED"} <= set(ERROR_CODES)
+    for method in ("Predict", "RecordOutcome", "RecordOutcomeBatches", "Checkpoint"):
+        for code in ERROR_CODES:
+            assert value(metrics, "fusion_rpc_errors_total", method=method, code=code) == 0.0

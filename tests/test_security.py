@@ -332,6 +332,12 @@ def test_token_file_holds_several_tokens_and_is_reread(serve: Any, tmp_path: Pat
     assert source.accepts(new)
     path.write_text("x\n")  # nor does a placeholder become a credential
     assert source.accepts(new) and not source.accepts("x")
+    # a stray line beside the valid ones is not accepted, and does not hold back the change: the
+    # token it revokes is revoked at once
+    path.write_text(f"{old}\n{new}\n")
+    assert source.accepts(old)
+    path.write_text(f"{new}\nold token revoked, see ticket 42\n")
+    assert source.accepts(new) and not source.accepts(old) and not source.accepts("old token revoked, see ticket 42")
 
 
 def test_unreadable_security_files_are_refused_naming_the_parameter(tmp_path: Path, pki: SimpleNamespace) -> None:
@@ -355,8 +361,35 @@ def test_unreadable_security_files_are_refused_naming_the_parameter(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"^service\.tls_key_file: .*not the private key of the certificate"):
         start(tmp_path / "f", tls_cert_file=pki.server_pem, tls_key_file=pki.client_key)
     (tmp_path / "garbled.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
-    with pytest.raises(ConfigError, match=r"^service\.tls_cert_file: .*not a certificate chain and its private key"):
+    with pytest.raises(ConfigError, match=r"^service\.tls_cert_file: .*no certificate can be read from it"):
         start(tmp_path / "g", tls_cert_file=str(tmp_path / "garbled.pem"), tls_key_file=pki.server_key)
+    (tmp_path / "garbled.key").write_text("-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match=r"^service\.tls_key_file: .*not a usable private key"):
+        start(tmp_path / "h", tls_cert_file=pki.server_pem, tls_key_file=str(tmp_path / "garbled.key"))
+
+
+def test_the_tls_check_accepts_what_grpc_serves_a_1024_bit_rsa_key_included(tmp_path: Path) -> None:
+    """OpenSSL's default security level would refuse a 1024-bit RSA key (or a SHA-1 signature, which
+    this cryptography no longer makes), which gRPC (BoringSSL) serves: the start-up check must not
+    stop a service that gRPC would run."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    from titan_fusion.server.security import _check_pair
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "weak.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "weak.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    _check_pair(str(tmp_path / "weak.pem"), str(tmp_path / "weak.key"))
     # Refused before the data directory was locked: a correct start on it works at once.
     svc, _, _ = start(tmp_path / "a")
     svc.stop(grace=0)
