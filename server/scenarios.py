@@ -34,8 +34,9 @@ Scenarios (experts e0..e3; r = noise-to-signal, m = miscalibration, b = bias):
 | broken_inverted | e0 constant 0.5, e1 = 1 - a skilled forecast (r 1.0), e2, e3 skilled (r 1.0, 1.4) | e1 cancels e2, e0 dilutes |
 | volatility | e0 good in high vol (r 0.6) and bad in low (3.0), e1 the reverse; e2, e3 r 1.8, 2.2 | the right expert depends on `vol` |
 
-`btc` (`btc_stream`): experts computed from the 15-minute BTC-USD candles in data/ (8,721 candles:
-8,670 events after a 50-candle indicator warm-up and the last candle, which has no outcome). At
+`btc` (`btc_stream`): experts computed from the 15-minute BTC-USD candles in data/ (8,686 candles
+from its 8,721 rows, read_candles; 8,635 events after a 50-candle indicator warm-up and the last
+candle, which has no outcome). At
 step t every expert and feature uses candles 0..t only; y_t = 1 if candle t+1 closes above candle
 t's close. No look-ahead: tests/test_scenarios.py changes future candles and checks the past is
 unchanged.
@@ -43,6 +44,7 @@ unchanged.
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -186,16 +188,40 @@ def synthetic_stream(name: str, seed: int, n_events: int = DEFAULT_EVENTS) -> St
 
 # ---------------------------------------------------------------------------------- BTC candles
 def read_candles(path: str | Path | None = None) -> dict[str, np.ndarray]:
-    """close and volume of data/BTC-USD-15-MIN.csv (or `path`), in file order."""
+    """close and volume of data/BTC-USD-15-MIN.csv (or `path`), one row per candle in time order.
+
+    The timestamps (`Datetime` or `Date`, with UTC offsets) are read, because the file is not clean:
+    it has three snapshots taken inside a candle (timestamps with seconds, such as 2021-10-27
+    14:46:02+01:00, and its last row), and after that one, 32 candles again that it already had
+    (2021-10-27 06:00-13:45 UTC once more, written with +00:00 instead of +01:00). A candle that
+    comes again replaces the earlier copy (the later download: the same closes here), snapshots and
+    rows without a price are dropped, and the rest is put in time order: 8,686 candles from the
+    8,721 rows. `dropped` counts what went."""
     path = Path(path) if path is not None else DEFAULT_DATA
     if not path.exists():
         raise FileNotFoundError(f"{path}: no candle file; pass --data PATH (the repository's data/{DATA_FILE})")
-    close, volume = [], []
+    candles: dict[float, tuple[float, float]] = {}
+    rows = dropped = 0
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            close.append(float(row["Close"]))
-            volume.append(float(row["Volume"]))
-    return {"close": np.array(close), "volume": np.array(volume)}
+            rows += 1
+            stamp = datetime.datetime.fromisoformat(row.get("Datetime") or row["Date"])
+            try:
+                close, volume = float(row["Close"]), float(row["Volume"])
+            except (TypeError, ValueError):  # "null" in a row without trading data
+                dropped += 1
+                continue
+            if stamp.second or stamp.microsecond or not (math.isfinite(close) and close > 0):
+                dropped += 1  # a snapshot inside a candle, not a candle
+                continue
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+            key = stamp.timestamp()
+            dropped += key in candles
+            candles[key] = (close, volume)
+    times = sorted(candles)
+    return {"close": np.array([candles[t][0] for t in times]), "volume": np.array([candles[t][1] for t in times]),
+            "time": np.array(times), "rows": rows, "dropped": dropped}
 
 
 def _ema(x: np.ndarray, span: int) -> np.ndarray:

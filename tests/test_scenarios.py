@@ -115,8 +115,11 @@ def _random_candles(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_btc_file_has_the_documented_size():
     s = make_stream("btc", seed=1)
     candles = read_candles()
-    assert len(candles["close"]) == 8721
-    assert len(s) == 8721 - scenarios.BTC_WARMUP - 1 == 8670
+    # 8,721 rows: three snapshots inside a candle (seconds in the timestamp) and 32 candles the file
+    # has twice (after a jump back of 7.8 hours) are not candles of their own
+    assert (candles["rows"], candles["dropped"], len(candles["close"])) == (8721, 35, 8686)
+    assert (np.diff(candles["time"]) >= 900).all()  # in time order, 15 minutes apart or more (gaps)
+    assert len(s) == 8686 - scenarios.BTC_WARMUP - 1 == 8635
     assert s.p_true is None and oracle_log_loss(s) is None
     assert sorted(s.features) == ["ret_1", "ret_4", "rsi", "vol", "volume_z"]
     assert ((s.probs > 0) & (s.probs < 1)).all()
