@@ -294,6 +294,7 @@ class FusionClient:
         self._closed = False
         self._lock = threading.Lock()
         self._fallback_count = 0
+        self._last: Prediction | None = None  # this client's last forecast (last_source, last_reason)
         # event_id -> (the Predict's request, served by the local fallback), oldest first
         self._kept: OrderedDict[str, tuple[pb.PredictRequest, bool]] = OrderedDict()
 
@@ -303,6 +304,19 @@ class FusionClient:
     def fallback_count(self) -> int:
         """How many forecasts this client served locally because the service could not answer."""
         return self._fallback_count
+
+    @property
+    def last_source(self) -> str | None:
+        """"fusion" or "average": what served this client's last forecast (predict or forward), as
+        `TransformerFusion.last_source`; "average" with `last_reason` "unavailable" when it was this
+        client's local fallback. None before the first."""
+        return self._last.source if self._last is not None else None
+
+    @property
+    def last_reason(self) -> str | None:
+        """Why the average served the last forecast ("unavailable": the local fallback; "warming_up",
+        "underperforming", ...: the service's); None when the fusion served it."""
+        return self._last.reason if self._last is not None else None
 
     @property
     def is_closed(self) -> bool:
@@ -403,10 +417,12 @@ class FusionClient:
                 "experts (fallback #%d)",
                 self.target, err.code.name, err.details, len(forecasts), count,
             )
+            self._last = prediction
             return prediction
         if request.event_id:
             self._keep(request, local=False)
-        return convert.prediction_from_proto(response)
+        self._last = prediction = convert.prediction_from_proto(response)
+        return prediction
 
     def _keep(self, request: pb.PredictRequest, *, local: bool) -> None:
         with self._lock:

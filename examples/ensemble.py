@@ -13,18 +13,24 @@ Everything else (the `Ensemble` below) stays as it is. Run it on the bundled BTC
     python examples/ensemble.py --remote localhost:50051  # the same, through the service
 
 Remote, each candle's outcome carries an event_id: the service records it once however often it
-is sent, so an outcome that could not be delivered is simply kept and sent again later.
+is sent, so an outcome that could not be delivered is simply kept and sent again later. Every
+decision says what served its forecast (`last_source`, `last_reason`: the fusion, or the plain
+average and why, "unavailable" when the service did not answer and the client averaged locally),
+and a forecast that failed outright is a HOLD: the loop never dies on the fusion's errors.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from titan_fusion.client import (FusionClient, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
-                                 TransportError)
+from titan_fusion.client import FusionClient, FusionClientError, InvalidArgumentError, NotFoundError
+
+MAX_PENDING = 10_000  # undelivered outcomes kept for the next candles; the oldest go beyond this
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "BTC-USD-15-MIN.csv"
 CONFIG = {"fusion.min_samples": 200}  # the original's config store, with its dotted names
@@ -33,7 +39,9 @@ SYMBOL = "BTC-USD:15m"
 
 def make_fusion(remote: str | None):
     if remote:
-        return FusionClient(remote)  # the one-line change
+        # The one-line change. retries=0: the ensemble keeps what it could not deliver and sends it
+        # again at the next candle, so a down service costs a candle one short call, not retries.
+        return FusionClient(remote, retries=0)
     from titan_fusion.server import TransformerFusion  # torch lives here, not in the client
 
     return TransformerFusion(CONFIG, n_models=4)
@@ -57,8 +65,17 @@ class ModelOutput:
 
 
 def load_candles(path: Path) -> list[Candle]:
+    """The candles in time order, each once, `time` in UTC (the event_id's key: one instant, one
+    string). The file has snapshots inside a candle (seconds in the timestamp) and repeats 32
+    candles after a jump back in time (data/README.md): both are skipped."""
+    candles: list[Candle] = []
     with path.open(newline="") as f:
-        return [Candle(r["Datetime"], float(r["Close"]), float(r["Volume"])) for r in csv.DictReader(f)]
+        for r in csv.DictReader(f):
+            t = datetime.datetime.fromisoformat(r["Datetime"]).astimezone(datetime.timezone.utc)
+            if t.second or (candles and t.isoformat() <= candles[-1].time):
+                continue
+            candles.append(Candle(t.isoformat(), float(r["Close"]), float(r["Volume"])))
+    return candles
 
 
 def _sigmoid(x: float) -> float:
@@ -116,31 +133,45 @@ class Ensemble:
         self.fusion = fusion
         self.threshold = threshold
         self.pending: list[tuple[list[ModelOutput], dict[str, float], str, str]] = []
+        self.served: Counter[str] = Counter()  # what served each decision: "fusion", "average/warming_up", ...
 
-    def decide(self, history: list[Candle]) -> tuple[str, float, list[ModelOutput], dict[str, float]]:
+    def decide(self, history: list[Candle]) -> tuple[str, float | None, str, list[ModelOutput], dict[str, float]]:
+        """(action, prob_up or None, what served it, the experts' outputs, the features)."""
         outputs = [expert(history) for expert in EXPERTS]
         features = {"close": history[-1].close, "rsi": rsi([c.close for c in history]),
                     "volume": history[-1].volume}
-        prob_up, _prob_down = self.fusion.forward(outputs, features)
+        try:
+            prob_up, _prob_down = self.fusion.forward(outputs, features)
+        except (FusionClientError, ValueError) as err:  # e.g. RESOURCE_EXHAUSTED: no forecast, no trade
+            print(f"{history[-1].time}: no forecast ({type(err).__name__}: {err}); HOLD")
+            self.served["none"] += 1
+            return "HOLD", None, "none", outputs, features
+        served = self.fusion.last_source if self.fusion.last_reason is None else \
+            f"{self.fusion.last_source}/{self.fusion.last_reason}"
+        if served != "fusion" and self.served[served] == 0:  # say so the first time, and count them all
+            print(f"{history[-1].time}: forecast served by the {served.replace('/', ' (')})")
+        self.served[served] += 1
         if prob_up >= self.threshold:
             action = "BUY"
         elif prob_up <= 1.0 - self.threshold:
             action = "SELL"
         else:
             action = "HOLD"
-        return action, prob_up, outputs, features
+        return action, prob_up, served, outputs, features
 
     def record_outcome(self, outputs, features, actual_direction: str, event_id: str) -> None:
         self.pending.append((outputs, features, actual_direction, event_id))
+        if len(self.pending) > MAX_PENDING:
+            print(f"outcome {self.pending.pop(0)[3]} dropped: more than {MAX_PENDING} undelivered")
         while self.pending:
             outputs, features, direction, key = self.pending[0]
             try:
                 self.fusion.update(outputs, features, direction, event_id=key)
-            except (TransportError, ResourceExhaustedError) as err:  # the service is down or busy:
-                print(f"outcome {key} not delivered ({err}); {len(self.pending)} pending")  # next candle
-                return
             except (InvalidArgumentError, NotFoundError, ValueError) as err:  # refused for good (bad
                 print(f"outcome {key} refused ({err}); dropped")  # inputs, in-process too): resending cannot help
+            except FusionClientError as err:  # down, busy, starting, a token or a server fault: kept,
+                print(f"outcome {key} not delivered ({err}); {len(self.pending)} pending")  # sent next candle
+                return
             self.pending.pop(0)
 
 
@@ -153,28 +184,34 @@ def main() -> None:
     candles = load_candles(DATA)[: args.candles + 33]
     fusion = make_fusion(args.remote)
     ensemble = Ensemble(fusion)
-    hits = fused_hits = avg_hits = traded = 0
+    hits = traded = 0
+    scored = {"fusion": [0, 0], "average": [0, 0]}  # on the candles the fusion served: [its hits, the average's]
     for t in range(33, len(candles)):
         history, closed = candles[:t], candles[t]
-        action, prob_up, outputs, features = ensemble.decide(history)  # before the candle
+        action, prob_up, served, outputs, features = ensemble.decide(history)  # before the candle
         went_up = closed.close > history[-1].close
         direction = "UP" if went_up else "DOWN"
         ensemble.record_outcome(outputs, features, direction, event_id=f"{SYMBOL}:{closed.time}")
 
-        average = sum(o.prob_up for o in outputs) / len(outputs)
-        fused_hits += (prob_up > 0.5) == went_up
-        avg_hits += (average > 0.5) == went_up
+        if served == "fusion":  # the fusion against the plain average on the same candles
+            scored["fusion"][0] += (prob_up > 0.5) == went_up
+            scored["average"][0] += (sum(o.prob_up for o in outputs) / len(outputs) > 0.5) == went_up
+            scored["fusion"][1] += 1
         if action != "HOLD":
             traded += 1
             hits += (action == "BUY") == went_up
 
     n = len(candles) - 33
-    print(f"{n} candles: fusion accuracy {fused_hits / n:.3f}, plain average {avg_hits / n:.3f}, "
-          f"{traded} trades, hit rate {hits / max(traded, 1):.3f}")
+    k = scored["fusion"][1]
+    print(f"{n} candles; forecasts served by: {dict(ensemble.served)}")
+    if k:
+        print(f"on the {k} the fusion served: its accuracy {scored['fusion'][0] / k:.3f}, the plain average's "
+              f"{scored['average'][0] / k:.3f}")
+    print(f"{traded} trades, hit rate {hits / max(traded, 1):.3f}")
     try:
         stats = fusion.get_training_stats()
         weights = fusion.get_attention_weights()
-    except TransportError as err:
+    except FusionClientError as err:
         print(f"no statistics: the service did not answer ({err})")
     else:
         print({k: stats[k] for k in ("samples_trained", "train_loss", "val_loss", "current_lr",
