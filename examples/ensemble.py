@@ -185,7 +185,10 @@ def main() -> None:
     fusion = make_fusion(args.remote)
     ensemble = Ensemble(fusion)
     hits = traded = 0
-    scored = {"fusion": [0, 0], "average": [0, 0]}  # on the candles the fusion served: [its hits, the average's]
+    # From the end of the warm-up on, whatever served (the fusion, or the average while the fusion
+    # underperformed or the service was down): scoring the fusion's candles alone would leave out
+    # the stretches it did badly. [hits of what served, hits of the plain average, candles]
+    scored = [0, 0, 0]
     for t in range(33, len(candles)):
         history, closed = candles[:t], candles[t]
         action, prob_up, served, outputs, features = ensemble.decide(history)  # before the candle
@@ -193,20 +196,20 @@ def main() -> None:
         direction = "UP" if went_up else "DOWN"
         ensemble.record_outcome(outputs, features, direction, event_id=f"{SYMBOL}:{closed.time}")
 
-        if served == "fusion":  # the fusion against the plain average on the same candles
-            scored["fusion"][0] += (prob_up > 0.5) == went_up
-            scored["average"][0] += (sum(o.prob_up for o in outputs) / len(outputs) > 0.5) == went_up
-            scored["fusion"][1] += 1
+        if prob_up is not None and not served.endswith("/warming_up"):
+            scored[0] += (prob_up > 0.5) == went_up
+            scored[1] += (sum(o.prob_up for o in outputs) / len(outputs) > 0.5) == went_up
+            scored[2] += 1
         if action != "HOLD":
             traded += 1
             hits += (action == "BUY") == went_up
 
     n = len(candles) - 33
-    k = scored["fusion"][1]
+    k = scored[2]
     print(f"{n} candles; forecasts served by: {dict(ensemble.served)}")
     if k:
-        print(f"on the {k} the fusion served: its accuracy {scored['fusion'][0] / k:.3f}, the plain average's "
-              f"{scored['average'][0] / k:.3f}")
+        print(f"after the warm-up ({k} candles): accuracy of what served {scored[0] / k:.3f}, of the plain average "
+              f"{scored[1] / k:.3f}")
     print(f"{traded} trades, hit rate {hits / max(traded, 1):.3f}")
     try:
         stats = fusion.get_training_stats()

@@ -131,7 +131,7 @@ def test_demo_streams_events_and_reports_accuracy(server: Server) -> None:
         before = c.stats()["samples_trained"]
     r = run("demo", "--target", server.target, "--events", "300", "--seed", "3", timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "accuracy fused" in r.stdout and "plain average" in r.stdout
+    assert "accuracy served" in r.stdout and "plain average" in r.stdout and "by the fusion" in r.stdout
     with FusionClient(server.target, timeout=10) as c:
         assert c.stats()["samples_trained"] == before + 300
 
