@@ -352,7 +352,14 @@ def pooled_report(runs: Sequence[RunResult], options: EvalOptions) -> dict[str, 
     the scenario, the others are in the per-seed results."""
     note = None
     if len(runs) > 1 and runs[0].meta.get("seed_independent"):
-        note = (f"the data do not depend on the seed: seed {runs[0].seed} only (the others: per-seed results)")
+        # The transformer's seed still moves its result, and can flip the sign against the average:
+        # each seed's difference is in the note, so that the first seed is not taken for all of them.
+        spread = "; ".join(
+            f"{m} Δ log loss vs average by seed: " + ", ".join(
+                f"{r.seed}: {_seed_diff(r, m) * 1e3:+.2f}e-3" for r in runs)
+            for m in FUSION_METHODS if m in runs[0].preds and "average" in runs[0].preds)
+        note = (f"the data do not depend on the seed: seed {runs[0].seed} only (the others: per-seed results)"
+                + (f"; {spread}" if spread else ""))
         runs = runs[:1]
     y = np.concatenate([r.y[r.warmup:] for r in runs])
     methods = list(runs[0].preds)
@@ -363,6 +370,13 @@ def pooled_report(runs: Sequence[RunResult], options: EvalOptions) -> dict[str, 
     ev = evaluate(y, preds, p_true=p_true, options=options)
     return {"scenario": runs[0].scenario, "seeds": [r.seed for r in runs], "description": runs[0].description,
             "note": note, **ev}
+
+
+def _seed_diff(r: RunResult, method: str) -> float:
+    """Mean per-step log loss of `method` minus the plain average's, on one run's scored outcomes."""
+    y = r.y[r.warmup:]
+    return float(np.mean(scoring.log_loss_per_step(r.preds[method][r.warmup:], y)
+                         - scoring.log_loss_per_step(r.preds["average"][r.warmup:], y)))
 
 
 def _f(x: Any, nd: int = 4) -> str:

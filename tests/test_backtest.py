@@ -100,6 +100,19 @@ def test_btc_seeds_are_not_pooled_as_if_independent(tmp_path):
     assert "fusion" not in pooled["methods"]
 
 
+def test_btc_pooled_note_gives_every_seeds_difference_of_the_fusion(tmp_path):
+    """The transformer's seed moves its btc result (it can flip the sign against the average), so
+    the pooled report, which stands on the first seed, names each seed's difference."""
+    code = backtest.main(["--scenario", "btc", "--seeds", "1,2", "--events", "260", "--warmup", "60", "--quick",
+                          "--no-plots", "--no-progress", "--out", str(tmp_path), "--fusion.min_samples", "20"])
+    assert code == 0
+    report = json.loads((tmp_path / "backtest.json").read_text())
+    note = report["pooled"]["btc"]["note"]
+    per_seed = {r["seed"]: r["methods"]["fusion"]["vs_average"]["mean_diff"] for r in report["runs"]}
+    assert note.endswith("fusion Δ log loss vs average by seed: "
+                         + ", ".join(f"{seed}: {d * 1e3:+.2f}e-3" for seed, d in per_seed.items()))
+
+
 class Recorder:
     """A fuser that logs every call, so the test can see the order; it predicts the average."""
 
