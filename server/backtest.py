@@ -90,7 +90,7 @@ class TransformerFuser:
         self.model.update(_experts(self.expert_names, probs), features, "UP" if y else "DOWN")
 
     def info(self) -> dict[str, Any]:
-        return {"training_stats": {k: _finite(v) for k, v in self.model.get_training_stats().items()},
+        return {"training_stats": {k: json_finite(v) for k, v in self.model.get_training_stats().items()},
                 "config": self.model.config.to_dict()}
 
 
@@ -124,7 +124,7 @@ class ServiceFuser:
             stats = self.client.stats()
         except Exception as e:  # the evaluation stands without it
             stats = {"error": str(e)}
-        return {"training_stats": {k: _finite(v) for k, v in stats.items()}, "target": self.client.target}
+        return {"training_stats": {k: json_finite(v) for k, v in stats.items()}, "target": self.client.target}
 
     def close(self) -> None:
         self.client.close()
@@ -256,16 +256,17 @@ def evaluate(y: np.ndarray, preds: Mapping[str, np.ndarray], *, p_true: np.ndarr
     return out
 
 
-def _finite(x: Any) -> Any:
-    """JSON has no NaN or infinity: None instead."""
+def json_finite(x: Any) -> Any:
+    """JSON has no NaN or infinity (json.dumps writes bare NaN/Infinity, which jq and JavaScript
+    refuse): None instead, through dicts, lists and numpy scalars. Also `titan-fusion stats`'s."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_finite(v) for v in x]
     if isinstance(x, np.generic):
-        return _finite(x.item())
+        return json_finite(x.item())
     return x
 
 
@@ -708,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "conventions": "diff = loss(method) - loss(reference), negative = method better; see server/scoring.py"},
         "runs": runs_json, "pooled": pooled, "plots": plots,
     }
-    report = _finite(report)
+    report = json_finite(report)
     (out / "backtest.json").write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
     (out / "backtest.md").write_text(markdown_report(report))
     print(_console_summary(report))

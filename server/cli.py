@@ -127,20 +127,9 @@ def _stats(ns: argparse.Namespace) -> int:
         except FusionClientError as e:
             print(f"{ns.target}: {e}", file=sys.stderr)
             return 1
-    print(json.dumps(_json_safe(stats), indent=2, sort_keys=True, default=str, allow_nan=False))
+    from .backtest import json_finite  # null for NaN/infinity ("no value yet"): strict JSON
+    print(json.dumps(json_finite(stats), indent=2, sort_keys=True, default=str, allow_nan=False))
     return 0
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON has no NaN or infinity (json.dumps writes them as bare NaN/Infinity, which jq and
-    JavaScript refuse): null in their place, as "no value yet" (a loss before training starts)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _demo(ns: argparse.Namespace) -> int:

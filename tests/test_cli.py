@@ -228,10 +228,10 @@ def test_a_busy_port_is_refused_with_one_clear_line(tmp_path: Path, flag: str) -
 def test_stats_json_has_null_where_a_value_is_not_finite() -> None:
     """`titan-fusion stats` prints JSON that strict parsers (jq, JavaScript) read: a loss before
     training starts (NaN) or the best validation loss before any (infinity) is null."""
-    from titan_fusion.server.cli import _json_safe
+    from titan_fusion.server.backtest import json_finite
     stats = {"train_loss": float("nan"), "best_val_loss": float("inf"), "samples_trained": 0,
              "history": [{"val_loss": float("-inf")}], "attention": {"a": 0.5}}
-    assert json.loads(json.dumps(_json_safe(stats), allow_nan=False)) == {
+    assert json.loads(json.dumps(json_finite(stats), allow_nan=False)) == {
         "train_loss": None, "best_val_loss": None, "samples_trained": 0, "history": [{"val_loss": None}],
         "attention": {"a": 0.5}}
 

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -379,22 +380,34 @@ def test_a_failing_owner_answers_the_rest_of_its_batch(tmp_path: Path, monkeypat
         running.close()
 
 
+def _with_a_stopped_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, learned: list[Event], prefix: str,
+                            timeout: float) -> tuple[Any, Running, Any, int]:
+    """A service that learned `learned` (event_ids prefix + index), then its trainer stopped
+    (SIGSTOP), the watchdog set to `timeout` s: (the service, Running, a client, the stopped pid)."""
+    from titan_fusion.server import trainer as trainer_module
+    svc, port, registry = start(tmp_path / "data")
+    running = Running(svc, port, registry, tmp_path / "data")
+    try:
+        c = running.client(timeout=60)
+        learn(c, learned, prefix)
+        monkeypatch.setattr(trainer_module, "CALL_TIMEOUT_SECONDS", timeout)
+        first = svc.owner.trainer.pid
+        os.kill(first, signal.SIGSTOP)
+    except BaseException:
+        running.close()
+        raise
+    return svc, running, c, first
+
+
 def test_a_stopped_trainer_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A trainer that answers nothing (here: SIGSTOP) is killed after CALL_TIMEOUT_SECONDS and
     replaced; the outcomes that were waiting are learned, and the model is the uninterrupted one.
     (A short timeout could also catch a replacement that a busy host starves; a second restart
     changes nothing of what is checked.)"""
-    from titan_fusion.server import trainer as trainer_module
     evs = events(8, 30)
-    svc, port, registry = start(tmp_path / "data")
-    running = Running(svc, port, registry, tmp_path / "data")
+    svc, running, c, first = _with_a_stopped_trainer(tmp_path, monkeypatch, evs[:25], "s", 3.0)
     try:
-        c = running.client(timeout=60)
-        learn(c, evs[:25], "s")
-        first = svc.owner.trainer.pid
-        monkeypatch.setattr(trainer_module, "CALL_TIMEOUT_SECONDS", 3.0)
-        os.kill(first, signal.SIGSTOP)
         acks = learn(c, evs[25:], "s", start_index=25)
         assert [a.samples_trained for a in acks] == list(range(26, 31))
         assert svc.owner.trainer_restarts >= 1 and svc.owner.trainer.pid != first
@@ -412,17 +425,10 @@ def test_the_queue_depth_gauge_is_live_while_the_owner_is_stuck(tmp_path: Path, 
     set only when the owner published, so it read 0 exactly when FusionQueueBacklog mattered."""
     import threading
 
-    from titan_fusion.server import trainer as trainer_module
     evs = events(9, 25)
-    svc, port, registry = start(tmp_path / "data")
-    running = Running(svc, port, registry, tmp_path / "data")
+    svc, running, c, _ = _with_a_stopped_trainer(tmp_path, monkeypatch, evs[:20], "q", 5.0)
     try:
-        c = running.client(timeout=60)
-        learn(c, evs[:20], "q")
-        assert running.sample("fusion_queue_depth", {"queue": "owner"}) == 0
-        monkeypatch.setattr(trainer_module, "CALL_TIMEOUT_SECONDS", 5.0)
-        first = svc.owner.trainer.pid
-        os.kill(first, signal.SIGSTOP)
+        assert running.sample("fusion_queue_depth", {"queue": "owner"}) == 0  # nothing queued yet
         senders = [threading.Thread(target=learn, args=(running.client(timeout=60), [ev], "q", 20 + i))
                    for i, ev in enumerate(evs[20:])]
         for t in senders:
