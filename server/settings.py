@@ -164,6 +164,8 @@ def token_ok(token: str) -> bool:
     """What every accepted bearer token must be, from `token` or a line of `token_file`: a
     placeholder such as "x" or "changeme" must never become a credential."""
     return len(token) >= MIN_TOKEN_LENGTH and token.isprintable() and " " not in token
+
+
 SERVICE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ServiceConfig) if f.name != "fusion")
 _SERVICE_TYPES = {f.name: f.type for f in fields(ServiceConfig) if f.name != "fusion"}
 _FUSION_TYPES = {f.name: f.type for f in fields(FusionConfig)}
