@@ -3,6 +3,7 @@ killed trainer is restarted and rebuilt from the checkpoint and the journal; the
 the service; trainer = "thread" keeps the model in the owner's thread."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -426,19 +427,25 @@ def test_the_queue_depth_gauge_is_live_while_the_owner_is_stuck(tmp_path: Path, 
     import threading
 
     evs = events(9, 25)
-    svc, running, c, _ = _with_a_stopped_trainer(tmp_path, monkeypatch, evs[:20], "q", 5.0)
+    # the watchdog far away: the trainer is let go (SIGCONT) once the gauge was seen, so that
+    # nothing races the senders' arrival on a slow host
+    svc, running, c, stopped = _with_a_stopped_trainer(tmp_path, monkeypatch, evs[:20], "q", 120.0)
     try:
         assert running.sample("fusion_queue_depth", {"queue": "owner"}) == 0  # nothing queued yet
         senders = [threading.Thread(target=learn, args=(running.client(timeout=60), [ev], "q", 20 + i))
                    for i, ev in enumerate(evs[20:])]
         for t in senders:
             t.start()
-        wait_until(lambda: running.sample("fusion_queue_depth", {"queue": "owner"}) >= 3, 4.5,
+        wait_until(lambda: running.sample("fusion_queue_depth", {"queue": "owner"}) >= 3, 30,
                    "the gauge to show the outcomes queued behind the stuck one")
         assert c.stats()["service"]["queue_depth"] >= 3
+        os.kill(stopped, signal.SIGCONT)
         for t in senders:
             t.join(30)
         assert running.sample("fusion_queue_depth", {"queue": "owner"}) == 0
         assert c.stats()["samples_trained"] == 25
+        assert svc.owner.trainer.pid == stopped  # the same trainer went on: no watchdog restart
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
         running.close()
