@@ -12,8 +12,11 @@ Everything else (the `Ensemble` below) stays as it is. Run it on the bundled BTC
     titan-fusion serve --port 50051 &                     # or: make run
     python examples/ensemble.py --remote localhost:50051  # the same, through the service
 
-Remote, each candle's outcome carries an event_id: the service records it once however often it
-is sent, so an outcome that could not be delivered is simply kept and sent again later. Every
+Each candle has an event_id, given to the forecast before it and to its outcome after. Remote, it
+is what the service's live scoring pairs them by: without it on the forecast, the service cannot
+score what it served, and never switches to the plain average when the fusion does worse (the
+in-process class ignores it). The service also records an outcome once however often it is sent,
+so an outcome that could not be delivered is simply kept and sent again later. Every
 decision says what served its forecast (`last_source`, `last_reason`: the fusion, or the plain
 average and why, "unavailable" when the service did not answer and the client averaged locally),
 and a forecast that failed outright is a HOLD: the loop never dies on the fusion's errors.
@@ -135,13 +138,15 @@ class Ensemble:
         self.pending: list[tuple[list[ModelOutput], dict[str, float], str, str]] = []
         self.served: Counter[str] = Counter()  # what served each decision: "fusion", "average/warming_up", ...
 
-    def decide(self, history: list[Candle]) -> tuple[str, float | None, str, list[ModelOutput], dict[str, float]]:
-        """(action, prob_up or None, what served it, the experts' outputs, the features)."""
+    def decide(self, history: list[Candle],
+               event_id: str | None = None) -> tuple[str, float | None, str, list[ModelOutput], dict[str, float]]:
+        """(action, prob_up or None, what served it, the experts' outputs, the features) for the
+        candle after `history`; `event_id` names that candle (its outcome is recorded under it)."""
         outputs = [expert(history) for expert in EXPERTS]
         features = {"close": history[-1].close, "rsi": rsi([c.close for c in history]),
                     "volume": history[-1].volume}
         try:
-            prob_up, _prob_down = self.fusion.forward(outputs, features)
+            prob_up, _prob_down = self.fusion.forward(outputs, features, event_id=event_id)
         except (FusionClientError, ValueError) as err:  # e.g. RESOURCE_EXHAUSTED: no forecast, no trade
             print(f"{history[-1].time}: no forecast ({type(err).__name__}: {err}); HOLD")
             self.served["none"] += 1
@@ -191,10 +196,11 @@ def main() -> None:
     scored = [0, 0, 0]
     for t in range(33, len(candles)):
         history, closed = candles[:t], candles[t]
-        action, prob_up, served, outputs, features = ensemble.decide(history)  # before the candle
+        event_id = f"{SYMBOL}:{closed.time}"  # the candle forecast, then learned
+        action, prob_up, served, outputs, features = ensemble.decide(history, event_id)  # before the candle
         went_up = closed.close > history[-1].close
         direction = "UP" if went_up else "DOWN"
-        ensemble.record_outcome(outputs, features, direction, event_id=f"{SYMBOL}:{closed.time}")
+        ensemble.record_outcome(outputs, features, direction, event_id=event_id)
 
         if prob_up is not None and not served.endswith("/warming_up"):
             scored[0] += (prob_up > 0.5) == went_up

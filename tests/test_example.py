@@ -34,10 +34,11 @@ def _trade(ensemble, candles=CANDLES) -> list[tuple[str, float | None, str]]:
     decisions = []
     for t in range(33, len(candles)):
         history, closed = candles[:t], candles[t]
-        action, prob_up, served, outputs, features = ensemble.decide(history)
+        event_id = f"{EXAMPLE.SYMBOL}:{closed.time}"
+        action, prob_up, served, outputs, features = ensemble.decide(history, event_id)
         decisions.append((action, prob_up, served))
         direction = "UP" if closed.close > history[-1].close else "DOWN"
-        ensemble.record_outcome(outputs, features, direction, event_id=f"{EXAMPLE.SYMBOL}:{closed.time}")
+        ensemble.record_outcome(outputs, features, direction, event_id=event_id)
     return decisions
 
 
@@ -56,7 +57,11 @@ def test_through_a_real_service_every_outcome_is_delivered(tmp_path):
         assert not ensemble.pending and sum(ensemble.served.values()) == 40
         assert set(ensemble.served) <= {"fusion", "average/warming_up"} and ensemble.served["fusion"] > 0
         assert all(p is not None for _, p, _ in decisions)
-        assert running.client().stats()["samples_trained"] == 40
+        stats = running.client().stats()
+        assert stats["samples_trained"] == 40
+        # live scoring pairs each outcome with the forecast served for its candle (the same
+        # event_id): every outcome whose Predict the fusion served was scored
+        assert stats["live"]["served"]["outcomes"] == stats["live"]["fusion"]["outcomes"] == ensemble.served["fusion"]
         again = EXAMPLE.Ensemble(FusionClient(running.target, timeout=10, retries=0))
         _trade(again)  # the same candles again: the same event_ids, recorded once
         assert running.client().stats()["samples_trained"] == 40
