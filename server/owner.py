@@ -506,9 +506,28 @@ class ModelOwner:
         self._answer()
 
     def _recover(self) -> None:
-        self._trainer = self._new_trainer()
-        self._trainer.warm_up()
-        info, replayed = self._rebuild(None, score=True, seconds=STARTUP_LEARN_SECONDS)
+        """Load the newest checkpoint and learn the journal after it (for at most
+        STARTUP_LEARN_SECONDS; the rest while serving). A trainer that dies meanwhile (an OOM kill,
+        say) is replaced and the recovery starts over, as a restart while serving would; the same
+        bound on deaths in a row applies."""
+        deaths = 0
+        while True:
+            try:
+                self._trainer = self._new_trainer()
+                self._trainer.warm_up()
+                info, replayed = self._rebuild(None, score=True, seconds=STARTUP_LEARN_SECONDS)
+                break
+            except TrainerDiedError as e:
+                deaths += 1
+                if self._trainer is not None:
+                    self._trainer.close()
+                    self._trainer = None
+                if deaths > MAX_RESTARTS_IN_A_ROW:
+                    raise TrainerDiedError(f"the trainer died {deaths} times while the model was recovered: {e}") from e
+                log.error("%s; the trainer died while the model was recovered: starting a new one and "
+                          "recovering again", e)
+                self.trainer_restarts += 1
+                self._on_trainer_restart()
         self._since_checkpoint += replayed
         if self._journal.last_seq() < self._applied_seq:
             # A journal that ends before the checkpoint (restored from a backup older than the

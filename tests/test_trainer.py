@@ -449,3 +449,40 @@ def test_the_queue_depth_gauge_is_live_while_the_owner_is_stuck(tmp_path: Path, 
         with contextlib.suppress(ProcessLookupError):
             os.kill(stopped, signal.SIGCONT)
         running.close()
+
+
+@pytest.mark.parametrize("deaths", [1, 4])
+def test_a_trainer_that_dies_during_recovery_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        deaths: int) -> None:
+    """A trainer killed while the journal is replayed at start (an OOM kill, say) is replaced and
+    the recovery starts over: the service serves the model it had, and counts the restart. Deaths
+    in a row are bounded as while serving: the fourth stops the owner loudly (NOT_SERVING), with
+    what killed them."""
+    import shutil
+    data = tmp_path / "data"
+    svc, port, registry = start(data)
+    running = Running(svc, port, registry, data)
+    try:
+        c = running.client()
+        learn(c, events(7, 30), "r")
+        before = predictions(c, events(8, 3))
+    finally:
+        running.close()
+    shutil.rmtree(data / "checkpoints")  # the stop's checkpoint: the model comes from the journal alone
+    made = _dying_trainers(monkeypatch, lambda nth, t: nth < deaths)  # the first `deaths` trainers die at once
+    svc, port, registry = start(data, ready=False)
+    running = Running(svc, port, registry, data)
+    try:
+        if deaths <= 3:
+            assert svc.wait_ready(30), f"the service did not recover: {svc.owner.failed!r}"
+            assert len(made) == deaths + 1 and svc.owner.trainer is made[-1]
+            assert svc.owner.trainer_restarts == deaths and running.sample("fusion_trainer_restarts_total") == deaths
+            c = running.client()
+            assert c.stats()["samples_trained"] == 30
+            assert predictions(c, events(8, 3)) == before  # the same model, bit for bit
+        else:
+            wait_until(lambda: svc.owner.failed is not None, 30, "the owner to give up")
+            assert "died 4 times while the model was recovered" in str(svc.owner.failed)
+            assert len(made) == 4 and not svc.owner.ready.is_set()
+    finally:
+        running.close()
