@@ -35,6 +35,7 @@ __all__ = [
     "checkpoint_from_proto",
     "stats_from_proto",
     "attention_from_proto",
+    "json_finite",
 ]
 
 
@@ -353,3 +354,23 @@ def stats_from_proto(response: pb.StatsResponse) -> dict[str, Any]:
     stats["live"] = {**_message_to_dict(response.live),
                      **{src: _message_to_dict(getattr(response.live, src)) for src in ("served", "fusion", "average")}}
     return stats
+
+
+def json_finite(x: Any) -> Any:
+    """`x` with None for every NaN or infinity, through dicts, lists and tuples, and numpy scalars
+    as Python numbers (by duck typing: the client has no numpy): what strict JSON can hold. The
+    statistics say "no value yet" with NaN; json.dumps would write a bare NaN, which jq and
+    JavaScript refuse. `titan-fusion stats` and the backtest reports print through this.
+
+    >>> json_finite({"train_loss": float("nan"), "history": [float("inf"), 0.5]})
+    {'train_loss': None, 'history': [None, 0.5]}
+    """
+    if isinstance(x, float):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_finite(v) for v in x]
+    if type(x).__module__ == "numpy" and hasattr(x, "item"):  # a numpy scalar
+        return json_finite(x.item())
+    return x

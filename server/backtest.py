@@ -48,6 +48,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from titan_fusion.client.convert import json_finite
+
 from . import scoring
 from .baselines import all_baselines
 from .scenarios import DEFAULT_EVENTS, SCENARIOS, Stream, make_stream
@@ -254,20 +256,6 @@ def evaluate(y: np.ndarray, preds: Mapping[str, np.ndarray], *, p_true: np.ndarr
         out["oracle"] = {"log_loss": scoring.log_loss(p_true, y), "accuracy": scoring.accuracy(p_true, y),
                          "brier": scoring.brier(p_true, y), "ece_mass": scoring.ece_mass(p_true, y)}
     return out
-
-
-def json_finite(x: Any) -> Any:
-    """JSON has no NaN or infinity (json.dumps writes bare NaN/Infinity, which jq and JavaScript
-    refuse): None instead, through dicts, lists and numpy scalars. Also `titan-fusion stats`'s."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_finite(v) for v in x]
-    if isinstance(x, np.generic):
-        return json_finite(x.item())
-    return x
 
 
 # ---------------------------------------------------------------------------------- one run

@@ -17,8 +17,10 @@
 health, stats, demo and replay also take --tls or --ca FILE [--cert FILE --key FILE]
 [--tls-server-name NAME] [--token-file FILE]: TLS, mutual TLS and the bearer token (docs/security.md).
 
-Only `serve` and `backtest` import torch; the other commands need grpcio and protobuf (and tqdm for
-the demo). `backtest` needs numpy and matplotlib too; it has its own parser (server/backtest.py).
+Only `serve` and `backtest` import torch. `stats` needs grpcio and protobuf alone (the client-only
+install); `health` needs grpcio-health-checking, `demo` and `replay` tqdm, and `backtest` numpy and
+matplotlib too: the server extra, which a command that lacks it names in one line. `backtest` has
+its own parser (server/backtest.py).
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def _stats(ns: argparse.Namespace) -> int:
         except FusionClientError as e:
             print(f"{ns.target}: {e}", file=sys.stderr)
             return 1
-    from .backtest import json_finite  # null for NaN/infinity ("no value yet"): strict JSON
+    from titan_fusion.client.convert import json_finite  # null for NaN/infinity ("no value yet"): strict JSON
     print(json.dumps(json_finite(stats), indent=2, sort_keys=True, default=str, allow_nan=False))
     return 0
 
@@ -245,16 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Top-level modules of the `server` extra (pyproject.toml): a client-only install lacks them.
+SERVER_EXTRA_MODULES = frozenset({"torch", "numpy", "numba", "orjson", "prometheus_client", "grpc_health",
+                                  "grpc_reflection", "grpc_status", "tqdm", "matplotlib"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["backtest"]:
-        from .backtest import main as backtest_main
-        return backtest_main(args[1:])
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.command == "serve":
-        return _serve(ns, parser)
-    return {"health": _health, "stats": _stats, "demo": _demo, "replay": _replay}[ns.command](ns)
+    try:
+        if args[:1] == ["backtest"]:
+            from .backtest import main as backtest_main
+            return backtest_main(args[1:])
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        if ns.command == "serve":
+            return _serve(ns, parser)
+        return {"health": _health, "stats": _stats, "demo": _demo, "replay": _replay}[ns.command](ns)
+    except ModuleNotFoundError as e:  # a client-only install (pip install titan-fusion): say what to add
+        top = (e.name or "").split(".")[0]
+        if top not in SERVER_EXTRA_MODULES:
+            raise
+        command = args[0] if args else "titan-fusion"
+        raise SystemExit(f"titan-fusion {command}: needs {top}, which comes with the server extra: "
+                         "pip install 'titan-fusion[server]'") from None
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def test_a_busy_port_is_refused_with_one_clear_line(tmp_path: Path, flag: str) -
 def test_stats_json_has_null_where_a_value_is_not_finite() -> None:
     """`titan-fusion stats` prints JSON that strict parsers (jq, JavaScript) read: a loss before
     training starts (NaN) or the best validation loss before any (infinity) is null."""
-    from titan_fusion.server.backtest import json_finite
+    from titan_fusion.client.convert import json_finite
     stats = {"train_loss": float("nan"), "best_val_loss": float("inf"), "samples_trained": 0,
              "history": [{"val_loss": float("-inf")}], "attention": {"a": 0.5}}
     assert json.loads(json.dumps(json_finite(stats), allow_nan=False)) == {
@@ -240,3 +240,34 @@ def test_replay_of_a_missing_file_says_so_in_one_line(tmp_path: Path) -> None:
     r = run("replay", str(tmp_path / "nope.csv"), "--target", "127.0.0.1:1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"{tmp_path / 'nope.csv'}: No such file or directory"
+
+
+_CLIENT_ONLY = """
+import importlib.abc, sys
+
+class Blocked(importlib.abc.MetaPathFinder):  # what `pip install titan-fusion` (no server extra) lacks
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "numpy", "numba", "tqdm", "grpc_health", "prometheus_client", "orjson"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Blocked())
+from titan_fusion.server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command, needs", [("stats", None), ("health", "grpc_health"), ("demo", "tqdm")])
+def test_on_a_client_only_install_a_command_works_or_names_the_extra_it_needs(command: str, needs: str | None) -> None:
+    """`pip install titan-fusion` installs the `titan-fusion` script with grpcio and protobuf alone:
+    `stats` works there (strict JSON needs no numpy); a command that needs the server extra says
+    so in one line instead of a traceback."""
+    r = subprocess.run([sys.executable, "-c", _CLIENT_ONLY, command, "--target", "127.0.0.1:1", "--timeout", "0.5"],
+                       capture_output=True, text=True, timeout=60, env=clean_env())
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1
+    if needs is None:
+        assert r.stderr.startswith("127.0.0.1:1: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    else:
+        assert r.stderr.strip() == (f"titan-fusion {command}: needs {needs}, which comes with the server extra: "
+                                    "pip install 'titan-fusion[server]'")
