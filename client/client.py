@@ -609,8 +609,10 @@ class FusionClient:
     def checkpoint_save(self, name: str | None = None, *, timeout: float | None = None) -> CheckpointInfo:
         """Save the service's model as checkpoint `name` (default "step-<train_steps>").
 
-        A plain name (letters, digits, '.', '_', '-'), never a path: checkpoints live in the
-        service's data directory, and the service refuses paths with INVALID_ARGUMENT.
+        A plain name, never a path: ASCII letters, digits, '.', '_' and '-', at most 64
+        characters, the first a letter, digit or '_' (not '.' or '-'), and not starting with
+        "auto-" (reserved for the service's automatic checkpoints). Checkpoints live in the
+        service's data directory; the service refuses any other name with INVALID_ARGUMENT.
 
         >>> with FusionClient("localhost:50051") as fusion:  # doctest: +SKIP
         ...     fusion.checkpoint_save("before-fomc").name

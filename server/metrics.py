@@ -15,7 +15,7 @@ a series reads 0 rather than being absent before its first event.
 | `fusion_samples_trained` | gauge | | outcomes learned by the model |
 | `fusion_train_steps` | gauge | | training steps taken |
 | `fusion_early_stops` | gauge | | times early stopping fired |
-| `fusion_ready` | gauge | | 1 when the fusion serves (min_samples reached), else 0 |
+| `fusion_ready` | gauge | | 1 once min_samples outcomes are learned (the fusion may serve; see `fusion_underperforming` and `fusion.enabled`), else 0 |
 | `fusion_train_buffer_size` | gauge | | outcomes in the training buffer |
 | `fusion_val_buffer_size` | gauge | | outcomes in the validation buffer |
 | `fusion_model_version` | gauge | | version of the serving model (its training steps) |
@@ -70,9 +70,10 @@ SOURCE_FUSION, SOURCE_AVERAGE = "fusion", "average"
 REASON_NONE = "none"  # the label for the fusion's own forecasts, whose reason is None
 AVERAGE_REASONS = ("disabled", "warming_up", "wrong_expert_count", "underperforming")
 PREDICTION_LABELS = ((SOURCE_FUSION, REASON_NONE),) + tuple((SOURCE_AVERAGE, r) for r in AVERAGE_REASONS)
-# Sub-millisecond gRPC calls in-process, with room for slow training-bound calls.
+# From a Predict's fraction of a millisecond up to a Checkpoint that learns a backlog first (up to
+# 60 s) and a bulk stream (minutes): past the last bucket, a quantile reads as that bucket's bound.
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05,
-               0.1, 0.25, 1.0)
+               0.1, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # up to MAX_PREDICT_BATCH (server/owner.py)
 
 # get_training_stats() key -> gauge attribute; booleans become 1/0, None becomes NaN.
@@ -118,7 +119,8 @@ class Metrics:
         self.samples_trained = gauge("fusion_samples_trained", "Outcomes learned by the model.")
         self.train_steps = gauge("fusion_train_steps", "Training steps taken.")
         self.early_stops = gauge("fusion_early_stops", "Times early stopping fired.")
-        self.ready = gauge("fusion_ready", "1 when the fusion serves, 0 while the average does.")
+        self.ready = gauge("fusion_ready", "1 once min_samples outcomes are learned, else 0. The fusion may serve "
+                           "then, but not while disabled or underperforming.")
         self.train_buffer_size = gauge("fusion_train_buffer_size", "Outcomes in the training buffer.")
         self.val_buffer_size = gauge("fusion_val_buffer_size", "Outcomes in the validation buffer.")
         self.model_version = gauge("fusion_model_version", "Version of the serving model (its training steps).")

@@ -1,7 +1,7 @@
 """Named checkpoints inside the data directory: `<data_dir>/checkpoints/<name>/`.
 
-Callers give names, never paths: a name is letters, digits, '.', '_' and '-', at most 64
-characters, not starting with '.'; the resolved directory must sit directly in the checkpoints
+Callers give names, never paths: a name is ASCII letters, digits, '.', '_' and '-', at most 64
+characters, the first a letter, a digit or '_' (never '.' or '-'); the resolved directory must sit directly in the checkpoints
 directory and must not be a link. Each checkpoint records a generation number (newest = highest,
 independent of the wall clock) and the last journal sequence number it has applied.
 Automatic checkpoints are named "auto-<generation>" and only the newest `keep` of them are kept.
@@ -49,7 +49,7 @@ def check_name(name: Any, field: str = "name", *, saving: bool = False) -> str:
     retention would delete it (restoring one by its name is fine)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise FusionInputError(field, f"must be a plain checkpoint name (letters, digits, '.', '_', '-'; at most 64; "
-                               f"not starting with '.'), got {name!r}")
+                               f"starting with a letter, a digit or '_'), got {name!r}")
     if saving and name.startswith(AUTO_PREFIX):
         raise FusionInputError(field, f"names starting with {AUTO_PREFIX!r} are reserved for automatic checkpoints, "
                                f"got {name!r}")
