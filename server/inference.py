@@ -55,10 +55,6 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     return d / np.sqrt((d * d).sum(axis=-1, keepdims=True) * inv_c + LN_EPS)
 
 
-# Row-wise dot products: np.vecdot (numpy >= 2.0) is one ufunc call; einsum otherwise.
-_rowdot = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("ij,ij->i", a, b))
-
-
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -184,8 +180,9 @@ def _aug_rows(a: np.ndarray) -> np.ndarray:
 
 class OneEventNet:
     """NumpyNet.forward for one event (B = 1): what does not depend on the event is folded once
-    per snapshot, so that a forward is about 35 numpy calls on small 2-D arrays (each call costs
-    about 1 us here, whatever its size: the count is what matters).
+    per snapshot (here, in numpy), so that a forward is a product with a constant matrix and a few
+    small ones, run as one compiled function (server/onekernel.py; bind()). In numpy it was about
+    35 calls on small arrays, each costing about 1 us whatever its size.
 
     The algebra is exact; only rounding differs from NumpyNet.forward (1e-15):
 
@@ -215,8 +212,8 @@ class OneEventNet:
 
     MAX_SCORE = 300.0  # exp(+-300) is far from float64's overflow and from its subnormals
 
-    __slots__ = ("n", "ne", "nh", "C", "C1", "T", "M", "blocks", "W1", "bq", "ones_t", "W2", "fc_bias",
-                 "W3", "wkq", "skill", "head_bias", "shift", "scale", "inv_nh", "bounded")
+    __slots__ = ("n", "ne", "nh", "C", "C1", "T", "M", "blocks", "W1", "bq", "W2", "fc_bias",
+                 "W3", "wkq", "skill", "head_bias", "shift", "scale", "inv_nh", "bounded", "_args", "_kernel")
 
     def __init__(self, net: NumpyNet, skill: np.ndarray | None = None,
                  shares: Sequence[Sequence[float]] | None = None):
@@ -309,7 +306,6 @@ class OneEventNet:
         q_norm = np.sqrt(col2[:nh * C].reshape(nh, C).sum(axis=1)) + np.sqrt(np.einsum("hc,hc->h", q_b, q_b))
         k_norm = np.sqrt(col2[nh * C:(nh + 1) * C].reshape(nh, hs).sum(axis=1))
         att_bound = float((q_norm * k_norm).max())
-        self.ones_t = np.ones(T)
         # LayerNorm 2 and the MLP: x2 @ [P | P fc | P3], where P3 also adds the MLP's output bias
         # (x2's constant component is 1)
         W2 = np.zeros((C1, 2 * C1 + w["fc"].shape[1]))
@@ -331,9 +327,37 @@ class OneEventNet:
         self.n, self.ne, self.nh, self.C, self.C1, self.T = n, ne, nh, C, C1, T
         self.shift, self.scale = net.norm_shift.tolist(), net.norm_scale.tolist()
         self.inv_nh = 1.0 / nh
-        for a in (M, W1, self.bq, self.ones_t, W2, self.W3, self.wkq, self.skill):
-            if a is not None:
-                a.setflags(write=False)
+        # the compiled forward's arguments: C-contiguous float64, read-only (one compiled signature);
+        # wkq and skill empty when the event supplies them or there are none
+        def arg(a: np.ndarray | None, empty: tuple[int, ...]) -> np.ndarray:
+            a = np.ascontiguousarray(a if a is not None else np.empty(empty), dtype=np.float64)
+            a.setflags(write=False)
+            return a
+        self._args = (arg(M, ()), arg(W1, ()), arg(self.bq, ()), arg(W2, ()), arg(self.fc_bias, ()),
+                      arg(self.W3, ()), arg(self.wkq, (0, 0)), arg(self.skill, (0,)), n, ne, nh, C, T,
+                      b_d.start, b_x.start, b_rg.start, b_wkq.start, self.head_bias, self.inv_nh)
+        self._kernel = None  # bound in the process that forecasts (bind()), never pickled
+
+    def bind(self) -> "OneEventNet":
+        """Bind the compiled forward (server/onekernel.py, numba) and run it once: the first call
+        in a process compiles it, or loads it from its cache. Snapshot.prepare() calls this in the
+        service process before the snapshot is published, so that no Predict pays for it; the
+        trainer process, which folds snapshots, never imports numba."""
+        if self._kernel is None:
+            from . import onekernel
+            self._kernel = onekernel.forward
+            u = np.zeros(self._args[0].shape[0])
+            u[-1] = 1.0  # an event of zeros: the constant component only
+            self._kernel(u, *self._args, self.bounded)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_kernel"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self._kernel = None
 
     def features(self, raw: Iterable[float]) -> list[float]:
         """NumpyNet.normalize for one event, in Python floats: NaN -> 0, clipped to [-5, 5]."""
@@ -346,57 +370,11 @@ class OneEventNet:
     def forward(self, u: list[float]) -> tuple[float, list[float]]:
         """u = [token inputs (3 per token: the experts in schema order, then the classic tokens),
         normalized features, 1.0] -> (prob_up, attention per expert, with the classic tokens'
-        attention given to the experts behind them)."""
-        n, T, C, C1, nh = self.n, self.T, self.C, self.C1, self.nh
-        b_d, b_x, b_rg, b_wkq = self.blocks
-        o = np.dot(u, self.M)
-        d = o[b_d].reshape(T, C1)
-        d = d / np.sqrt(_rowdot(d, d))[:, None]  # LayerNorm 1 (its gain and bias are in W1)
-        qkv = np.dot(d, self.W1)
-        q = qkv[:n, :nh * C] + self.bq  # (n, nh * C): per head, the other heads' part is 0
-        s = np.dot(q.reshape(n * nh, C), qkv[:, nh * C:(nh + 1) * C].T)  # (n * nh, T)
-        if not self.bounded:
-            s -= np.maximum.reduce(s, axis=1, keepdims=True)
-        np.exp(s, out=s)
-        s /= np.dot(s, self.ones_t)[:, None]
-        # attention output, through the projection: sum over heads and keys
-        x2 = np.dot(s.reshape(n, nh * T), qkv[:, (nh + 1) * C:].reshape(T, nh, C1).transpose(1, 0, 2).reshape(nh * T, C1))
-        x2 += o[b_x].reshape(n, C1)
-        d = np.dot(x2, self.W2)  # [x2 centered | its fc input | x2 + mlp bias, centered]
-        d2 = d[:, :C1]
-        h = d[:, C1:-C1] / np.sqrt(_rowdot(d2, d2))[:, None]  # LayerNorm 2
-        h += self.fc_bias
-        g = h * h  # 2 GELU(h) = h (1 + tanh(c (h + 0.044715 h^3))); the 1/2 is in W3
-        g *= GELU_K
-        g += GELU_C
-        g *= h
-        np.tanh(g, out=g)
-        g += 1.0
-        g *= h
-        d3 = np.dot(g, self.W3)
-        d3 += d[:, -C1:]  # the pooling LayerNorm's input, centered
-        wkq = self.wkq if self.wkq is not None else o[b_wkq].reshape(C1, nh).T
-        sc = np.dot(wkq, d3.T)  # (nh, n)
-        sc /= np.sqrt(_rowdot(d3, d3))
-        if self.skill is not None:
-            sc += self.skill
-        if not self.bounded:
-            sc -= np.maximum.reduce(sc, axis=1, keepdims=True)
-        np.exp(sc, out=sc)
-        rows = np.dot(sc, o[b_rg].reshape(n, -1)).tolist()  # per head: [shares (ne), sum, head logit]
-        ne, inv_nh = self.ne, self.inv_nh
-        z = self.head_bias
-        att = [0.0] * ne
-        for hh, r in enumerate(rows):
-            inv = 1.0 / r[ne]
-            z += r[ne + 1 + hh] * inv
-            inv *= inv_nh
-            for k in range(ne):
-                att[k] += r[k] * inv
-        if z >= 0.0:
-            return 1.0 / (1.0 + math.exp(-z)), att
-        e = math.exp(z)
-        return e / (1.0 + e), att
+        attention given to the experts behind them). The algebra above, compiled
+        (server/onekernel.py): one call, holding the interpreter lock throughout."""
+        kernel = self._kernel if self._kernel is not None else self.bind()._kernel
+        p, att = kernel(np.array(u), *self._args, self.bounded)
+        return p, att.tolist()
 
 
 @dataclass(frozen=True)
@@ -580,13 +558,21 @@ class Snapshot:
         """The single-event forward, folded on first use or by prepare() (validation never needs it)."""
         return OneEventNet(self.net, self.skill_logw, self._shares if self.classic is not None else None)
 
-    def prepare(self) -> "Snapshot":
-        """Fold what single-event forecasts need now rather than on the first Predict: the model
-        owner calls this before it publishes the snapshot, off the Predict path."""
+    def fold(self) -> "Snapshot":
+        """Fold what single-event forecasts need now rather than on the first Predict (the trainer
+        process does, before it sends the snapshot)."""
         if self.net is not None and self.ready and self.enabled:
             self._one  # noqa: B018 - the cached fold
             if self.classic is not None:
                 self._forecaster  # noqa: B018
+        return self
+
+    def prepare(self) -> "Snapshot":
+        """fold(), and the compiled forward bound and run once in this process: the model owner
+        calls this before it publishes the snapshot, off the Predict path."""
+        self.fold()
+        if "_one" in self.__dict__:
+            self._one.bind()
         return self
 
     def _classic_rows(self, x: Sequence[Sequence[float]]) -> list[list[float]]:

@@ -350,7 +350,7 @@ def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[
         new = None
         if with_snapshot:
             snap = fusion.snapshot()
-            new = None if snap is sent else snap.prepare()  # folded here, not in the service process
+            new = None if snap is sent else snap.fold()  # folded here, not in the service process
             sent = snap
         return (new, fusion.get_training_stats(), fusion.schema, fusion.samples_trained, fusion.version)
 

@@ -203,3 +203,41 @@ def test_the_plain_average_has_one_attention_weight_per_expert_whatever_their_na
     assert len(p.attention) == 3 and sum(p.attention.values()) == pytest.approx(1.0)
     if names == ("a", "", "b"):
         assert list(p.attention) == ["a", "model_1", "b"]
+
+
+def test_the_compiled_forward_travels_unbound_and_gives_the_same_bits_after(tmp_path):
+    """A folded snapshot crosses from the trainer process pickled: without its compiled forward
+    (numba's dispatcher is the process's own), which the receiving process binds; the forecast is
+    the same to the bit."""
+    import pickle
+
+    fusion, events = _snapshot_with(4, {}, True, False)
+    snap = fusion.snapshot().fold()
+    assert snap._one._kernel is None  # folded, not bound (the trainer never imports numba)
+    sent = pickle.loads(pickle.dumps(snap))
+    assert sent._one._kernel is None
+    assert sent.prepare()._one._kernel is not None
+    for ev in events[:5]:
+        assert sent.predict([ev])[0] == snap.predict([ev])[0]
+
+
+def test_the_compiled_forward_compiles_without_a_cache_where_none_can_be_written(tmp_path):
+    """Where numba finds nowhere to write its cache (a read-only install and home), the module
+    still loads: it compiles at start instead of failing."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "nowhere.py").write_text("class NoLocator:\n"
+                                         "    @classmethod\n"
+                                         "    def from_function(cls, py_func, source_path):\n"
+                                         "        return None  # as a read-only install and home are\n")
+    script = """
+from numba.core.caching import NullCache
+from titan_fusion.server import onekernel
+assert isinstance(onekernel.forward._cache, NullCache)
+print("loaded")
+"""
+    env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="nowhere.NoLocator",
+               PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["loaded"], out.stderr[-2000:]

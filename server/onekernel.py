@@ -1,0 +1,171 @@
+"""OneEventNet's forward compiled (numba): the single-event forecast the service serves.
+
+The numpy form of the same arithmetic is about 35 calls on small arrays; here it is one call of
+plain loops, compiled once (cached on disk beside this file, or in NUMBA_CACHE_DIR), in float64,
+without fastmath (IEEE arithmetic, the same result on every call). It keeps the interpreter lock
+throughout: with Predicts in flight, numpy's matrix products let another handler thread in at each
+of them, and each hand-off costs the core a thread switch. docs/PERFORMANCE.md has the numbers.
+
+Only a process that forecasts single events imports this module (OneEventNet.bind: the service
+process, the in-process class on its first forecast); the trainer process, which folds the
+snapshots it sends, and the batched forward never need it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .inference import GELU_C, GELU_K
+
+
+def _compiled(fn):
+    """njit, cached on disk when there is somewhere to write the cache: beside this file, or in
+    NUMBA_CACHE_DIR, or a user-wide cache directory. Where none is writable (a read-only install
+    and home), it compiles at each start instead (about 1.5 s) rather than fail."""
+    try:
+        return njit(cache=True, error_model="numpy")(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return njit(error_model="numpy")(fn)
+
+
+@_compiled
+def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x, b_rg, b_wkq,
+            head_bias, inv_nh, bounded):  # pragma: no cover - compiled; tests call it through OneEventNet
+    """(prob_up, attention over the `ne` experts) for one event: OneEventNet.forward's algebra,
+    written out. `wkq` is (nh, C1), or empty when it comes from u @ M (features); `skill` is (n,),
+    or empty without skill_bias; the b_* are where each block of u @ M starts."""
+    C1 = C + 1
+    R, O = M.shape
+    o = np.zeros(O)  # u @ M
+    for r in range(R):
+        ur = u[r]
+        if ur != 0.0:
+            for j in range(O):
+                o[j] += ur * M[r, j]
+    # the centered tokens, normalized (LayerNorm 1; its gain and bias are in W1)
+    d = np.empty((T, C1))
+    for t in range(T):
+        ss = 0.0
+        for c in range(C1):
+            v = o[b_d + t * C1 + c]
+            d[t, c] = v
+            ss += v * v
+        inv = 1.0 / math.sqrt(ss)
+        for c in range(C1):
+            d[t, c] *= inv
+    Q = W1.shape[1]
+    qkv = np.zeros((T, Q))
+    for t in range(T):
+        for c in range(C1):
+            dv = d[t, c]
+            for j in range(Q):
+                qkv[t, j] += dv * W1[c, j]
+    # self-attention scores, (n * nh, T): the queries come masked per head
+    kc = nh * C
+    s = np.empty((n * nh, T))
+    for i in range(n):
+        for h in range(nh):
+            for t in range(T):
+                acc = 0.0
+                for c in range(C):
+                    acc += (qkv[i, h * C + c] + bq[h * C + c]) * qkv[t, kc + c]
+                s[i * nh + h, t] = acc
+    for r in range(n * nh):
+        if not bounded:
+            m = s[r, 0]
+            for t in range(1, T):
+                m = max(m, s[r, t])
+            for t in range(T):
+                s[r, t] -= m
+        tot = 0.0
+        for t in range(T):
+            e = math.exp(s[r, t])
+            s[r, t] = e
+            tot += e
+        inv = 1.0 / tot
+        for t in range(T):
+            s[r, t] *= inv
+    # the attention output through the projection, plus the residual
+    vc = (nh + 1) * C
+    x2 = np.empty((n, C1))
+    for i in range(n):
+        for c in range(C1):
+            x2[i, c] = o[b_x + i * C1 + c]
+        for h in range(nh):
+            base = vc + h * C1
+            for t in range(T):
+                w = s[i * nh + h, t]
+                for c in range(C1):
+                    x2[i, c] += w * qkv[t, base + c]
+    # x2 @ W2: [x2 centered | its fc input | x2 + the MLP's bias, centered]
+    P2 = W2.shape[1]
+    dd = np.zeros((n, P2))
+    for i in range(n):
+        for c in range(C1):
+            xv = x2[i, c]
+            for j in range(P2):
+                dd[i, j] += xv * W2[c, j]
+    H = P2 - 2 * C1
+    g = np.empty((n, H))  # 2 GELU(h) (the 1/2 is in W3), after LayerNorm 2
+    for i in range(n):
+        ss = 0.0
+        for c in range(C1):
+            ss += dd[i, c] * dd[i, c]
+        inv = 1.0 / math.sqrt(ss)
+        for j in range(H):
+            hv = dd[i, C1 + j] * inv + fc_bias[j]
+            g[i, j] = (math.tanh(hv * (hv * hv * GELU_K + GELU_C)) + 1.0) * hv
+    d3 = np.empty((n, C1))  # the pooling LayerNorm's input, centered
+    for i in range(n):
+        for c in range(C1):
+            d3[i, c] = dd[i, P2 - C1 + c]
+        for j in range(H):
+            gv = g[i, j]
+            for c in range(C1):
+                d3[i, c] += gv * W3[j, c]
+    # pooling scores per head, (nh, n)
+    sc = np.empty((nh, n))
+    for i in range(n):
+        ss = 0.0
+        for c in range(C1):
+            ss += d3[i, c] * d3[i, c]
+        inv = 1.0 / math.sqrt(ss)
+        for h in range(nh):
+            acc = 0.0
+            if wkq.shape[0] == 0:
+                for c in range(C1):
+                    acc += o[b_wkq + c * nh + h] * d3[i, c]
+            else:
+                for c in range(C1):
+                    acc += wkq[h, c] * d3[i, c]
+            sc[h, i] = acc * inv
+            if skill.shape[0] != 0:
+                sc[h, i] += skill[i]
+    # per head: [shares over the experts (ne), the softmax's sum, the head's logit]
+    K = ne + 1 + nh
+    rows = np.zeros((nh, K))
+    for h in range(nh):
+        if not bounded:
+            m = sc[h, 0]
+            for i in range(1, n):
+                m = max(m, sc[h, i])
+            for i in range(n):
+                sc[h, i] -= m
+        for i in range(n):
+            e = math.exp(sc[h, i])
+            for k in range(K):
+                rows[h, k] += e * o[b_rg + i * K + k]
+    z = head_bias
+    att = np.zeros(ne)
+    for h in range(nh):
+        inv = 1.0 / rows[h, ne]
+        z += rows[h, ne + 1 + h] * inv
+        inv *= inv_nh
+        for k in range(ne):
+            att[k] += rows[h, k] * inv
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z)), att
+    e = math.exp(z)
+    return e / (1.0 + e), att
