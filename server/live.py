@@ -73,6 +73,12 @@ class LiveScorer:
                 "underperforming": self.underperforming, "switches": self.switches}
 
     def load(self, state: Mapping[str, Any] | None) -> None:
+        """Start over from `state` (what state() returned), or from nothing (None: no outcome
+        scored). Nothing scored before stays: a recovery that starts again after its trainer
+        died scores the journal's outcomes once."""
+        self.scores = {s: RollingScore(self.window) for s in SOURCES}
+        self.underperforming = False
+        self.switches = 0
         if not state:
             return
         for s in SOURCES:

@@ -490,3 +490,34 @@ def test_a_trainer_that_dies_during_recovery_is_replaced(tmp_path: Path, monkeyp
             assert len(made) == 4 and not svc.owner.ready.is_set()
     finally:
         running.close()
+
+
+def test_a_recovery_started_over_scores_each_outcome_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer dies after the first chunk of the journal's replay, with no checkpoint to start
+    from: the recovery starts over, and live scoring ends as it was before the restart, each
+    outcome scored once (not the first chunk's twice)."""
+    import shutil
+
+    from titan_fusion.server.owner import CATCH_UP_CHUNK
+    data = tmp_path / "data"
+    n = CATCH_UP_CHUNK + 40
+    svc, port, registry = start(data)
+    running = Running(svc, port, registry, data)
+    try:
+        c = running.client()
+        for i, (e, f, d) in enumerate(events(9, n)):
+            c.predict(e, f, event_id=f"s{i}")  # scored: its outcome's Predict served it
+            c.record_outcome(actual_direction=d, event_id=f"s{i}")
+        live = c.stats()["live"]
+        assert live["served"]["outcomes"] > CATCH_UP_CHUNK // 2
+    finally:
+        running.close()
+    shutil.rmtree(data / "checkpoints")  # recovery replays the whole journal, scoring it
+    made = _dying_trainers(monkeypatch, lambda nth, t: nth == 0 and t.fusion.samples_trained >= CATCH_UP_CHUNK)
+    svc, port, registry = start(data)
+    running = Running(svc, port, registry, data)
+    try:
+        assert len(made) == 2 and svc.owner.trainer_restarts == 1
+        assert running.client().stats()["live"] == live
+    finally:
+        running.close()
