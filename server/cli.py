@@ -264,12 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(ns, parser)
         return {"health": _health, "stats": _stats, "demo": _demo, "replay": _replay}[ns.command](ns)
     except ModuleNotFoundError as e:  # a client-only install (pip install titan-fusion): say what to add
-        top = (e.name or "").split(".")[0]
-        if top not in SERVER_EXTRA_MODULES:
+        if e.name not in SERVER_EXTRA_MODULES:  # a submodule missing is a broken install: the traceback
             raise
         command = args[0] if args else "titan-fusion"
-        raise SystemExit(f"titan-fusion {command}: needs {top}, which comes with the server extra: "
-                         "pip install 'titan-fusion[server]'") from None
+        raise SystemExit(f"titan-fusion {command}: needs {e.name}, which comes with the server extra: "
+                         "pip install 'titan-fusion[server]'") from e
 
 
 if __name__ == "__main__":
