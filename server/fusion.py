@@ -460,7 +460,7 @@ class TransformerFusion:
         return result
 
     def predict_events(self, events: Sequence[Event]) -> list[Prediction | FusionInputError]:
-        """Predict a batch of validated events with one batched forward. An event that does not fit
+        """Predict a batch of validated events, each as it would be alone. An event that does not fit
         the schema gets its FusionInputError in its place; the others are unaffected."""
         preds = self.snapshot().predict(events)
         self._serving.record(preds, self.expert_names)

@@ -335,20 +335,18 @@ class OneEventNet:
             return a
         self._args = (arg(M, ()), arg(W1, ()), arg(self.bq, ()), arg(W2, ()), arg(self.fc_bias, ()),
                       arg(self.W3, ()), arg(self.wkq, (0, 0)), arg(self.skill, (0,)), n, ne, nh, C, T,
-                      b_d.start, b_x.start, b_rg.start, b_wkq.start, self.head_bias, self.inv_nh)
+                      b_d.start, b_x.start, b_rg.start, b_wkq.start, self.head_bias, self.inv_nh, GELU_K, GELU_C)
         self._kernel = None  # bound in the process that forecasts (bind()), never pickled
 
     def bind(self) -> "OneEventNet":
-        """Bind the compiled forward (server/onekernel.py, numba) and run it once: the first call
-        in a process compiles it, or loads it from its cache. Snapshot.prepare() calls this in the
-        service process before the snapshot is published, so that no Predict pays for it; the
-        trainer process, which folds snapshots, never imports numba."""
+        """Bind the compiled forward (server/onekernel.py, numba), compiled or loaded from its
+        cache first (the service does that while it starts). Snapshot.prepare() calls this in the
+        service process before the snapshot is published; the trainer process, which folds
+        snapshots, never imports numba."""
         if self._kernel is None:
             from . import onekernel
+            onekernel.warm()
             self._kernel = onekernel.forward
-            u = np.zeros(self._args[0].shape[0])
-            u[-1] = 1.0  # an event of zeros: the constant component only
-            self._kernel(u, *self._args, self.bounded)
         return self
 
     def __getstate__(self) -> dict[str, Any]:
@@ -358,6 +356,9 @@ class OneEventNet:
         for k, v in state.items():
             object.__setattr__(self, k, v)
         self._kernel = None
+        for a in self._args:  # unpickled arrays are writable: read-only again, the signature warm() compiled
+            if isinstance(a, np.ndarray):
+                a.setflags(write=False)
 
     def features(self, raw: Iterable[float]) -> list[float]:
         """NumpyNet.normalize for one event, in Python floats: NaN -> 0, clipped to [-5, 5]."""
@@ -373,7 +374,10 @@ class OneEventNet:
         attention given to the experts behind them). The algebra above, compiled
         (server/onekernel.py): one call, holding the interpreter lock throughout."""
         kernel = self._kernel if self._kernel is not None else self.bind()._kernel
-        p, att = kernel(np.array(u), *self._args, self.bounded)
+        x = np.array(u)
+        if x.shape != self._args[0].shape[:1]:  # the kernel reads u without bounds checks
+            raise ValueError(f"expected {self._args[0].shape[0]} inputs, got {x.shape}")
+        p, att = kernel(x, *self._args, self.bounded)
         return p, att.tolist()
 
 
@@ -575,61 +579,20 @@ class Snapshot:
             self._one.bind()
         return self
 
-    def _classic_rows(self, x: Sequence[Sequence[float]]) -> list[list[float]]:
-        """classic_rows, with the snapshot's frozen forecaster."""
-        return [[prob_logit(p), 0.0, 0.0] for p in self._forecaster.predict(expert_probs(x))]
-
     def predict(self, events: Sequence[Event], field: str = "model_outputs") -> list[Prediction | FusionInputError]:
-        """One batched forward for the events that the fusion serves; the plain average, with its
-        reason, for the others; a FusionInputError in place of an event that does not fit the schema.
-
-        Reasons, in order: disabled, wrong_expert_count, warming_up.
-        """
-        if len(events) == 1:
-            return [self.predict_one(events[0], field)]
-        return self._predict_batched(events, field)
-
-    def _predict_batched(self, events: Sequence[Event], field: str) -> list[Prediction | FusionInputError]:
-        out: list[Prediction | FusionInputError | None] = [None] * len(events)
-        fused: list[tuple[int, Resolved]] = []
-        for i, ev in enumerate(events):
-            if not self.enabled:
-                out[i] = average_prediction(ev, REASON_DISABLED, self.version)
-            elif len(ev.experts) != self.schema.n_models:
-                out[i] = average_prediction(ev, REASON_WRONG_EXPERT_COUNT, self.version)
-            elif self.schema.feature_names is None:  # nothing learned yet
-                out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
-            else:
-                try:
-                    r = self.schema.resolve(ev, field)
-                except FusionInputError as e:
-                    out[i] = e
-                    continue
-                if self.ready:
-                    fused.append((i, r))
-                else:
-                    out[i] = average_prediction(ev, REASON_WARMING_UP, self.version)
-        if fused:
-            n = self.schema.n_models
-            x = [r.x + self._classic_rows(r.x) if self.classic is not None else r.x for _, r in fused]
-            probs, weights = self.net.forward(
-                np.array(x, dtype=np.float64),
-                np.array([r.feats for _, r in fused], dtype=np.float64).reshape(len(fused), -1), self.skill_logw)
-            if self.classic is not None:  # attention on an aggregator's token goes to the experts behind it
-                weights = weights[:, :n] + weights[:, n:] @ np.array(self._shares)
-            names = self.schema.names
-            for (i, r), p_up, w in zip(fused, probs.tolist(), weights.tolist()):
-                attention = [("", 0.0)] * n
-                for j, req in enumerate(r.order):
-                    attention[req] = (names[j], w[j])
-                out[i] = Prediction(p_up, 1.0 - p_up, SOURCE_FUSION, None, dict(attention), self.version)
-        return out  # type: ignore[return-value]
+        """predict_one for each event: the fusion's forecast, or the plain average with its reason
+        for an event it does not serve (in order: disabled, wrong_expert_count, warming_up), or a
+        FusionInputError in place of an event that does not fit the schema. Each event gets the
+        same bits whatever else is in the batch. Through the compiled single-event forward this
+        costs less than NumpyNet's batched forward up to about 8 events, the batches that Predicts
+        in flight form (docs/PERFORMANCE.md)."""
+        return [self.predict_one(ev, field) for ev in events]
 
     def predict_one(self, ev: Event, field: str = "model_outputs") -> Prediction | FusionInputError:
-        """predict([ev])[0], through OneEventNet: the same checks in the same order, the same
-        numbers (to rounding). Every single-event forecast of a snapshot takes this path (the first
-        one folds OneEventNet), so that the same event on the same snapshot always gets the same bits.
-        """
+        """One event's forecast through OneEventNet (the first one folds it, if prepare() did not):
+        every forecast of a snapshot takes this path, so that the same event on the same snapshot
+        always gets the same bits. NumpyNet.forward is the reference it equals to rounding
+        (tests/test_inference.py)."""
         schema = self.schema
         if not self.enabled:
             return average_prediction(ev, REASON_DISABLED, self.version)

@@ -6,18 +6,19 @@ without fastmath (IEEE arithmetic, the same result on every call). It keeps the 
 throughout: with Predicts in flight, numpy's matrix products let another handler thread in at each
 of them, and each hand-off costs the core a thread switch. docs/PERFORMANCE.md has the numbers.
 
-Only a process that forecasts single events imports this module (OneEventNet.bind: the service
-process, the in-process class on its first forecast); the trainer process, which folds the
-snapshots it sends, and the batched forward never need it.
+Every forecast runs it, one event at a time (Snapshot.predict). Only a process that forecasts
+imports this module (OneEventNet.bind: the service process, the in-process class on its first
+forecast); the trainer process, which folds the snapshots it sends, never does.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 from numba import njit
 
-from .inference import GELU_C, GELU_K
+log = logging.getLogger("titan_fusion.server.onekernel")
 
 
 def _compiled(fn):
@@ -32,10 +33,12 @@ def _compiled(fn):
 
 @_compiled
 def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x, b_rg, b_wkq,
-            head_bias, inv_nh, bounded):  # pragma: no cover - compiled; tests call it through OneEventNet
+            head_bias, inv_nh, gelu_k, gelu_c, bounded):  # pragma: no cover - compiled; tests call it through OneEventNet
     """(prob_up, attention over the `ne` experts) for one event: OneEventNet.forward's algebra,
     written out. `wkq` is (nh, C1), or empty when it comes from u @ M (features); `skill` is (n,),
-    or empty without skill_bias; the b_* are where each block of u @ M starts."""
+    or empty without skill_bias; the b_* are where each block of u @ M starts. No bounds checks:
+    the caller passes len(u) == M.shape[0]. The tanh-GELU's constants come as arguments, not as
+    globals, which the cache would keep after they changed."""
     C1 = C + 1
     R, O = M.shape
     o = np.zeros(O)  # u @ M
@@ -116,7 +119,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
         inv = 1.0 / math.sqrt(ss)
         for j in range(H):
             hv = dd[i, C1 + j] * inv + fc_bias[j]
-            g[i, j] = (math.tanh(hv * (hv * hv * GELU_K + GELU_C)) + 1.0) * hv
+            g[i, j] = (math.tanh(hv * (hv * hv * gelu_k + gelu_c)) + 1.0) * hv
     d3 = np.empty((n, C1))  # the pooling LayerNorm's input, centered
     for i in range(n):
         for c in range(C1):
@@ -169,3 +172,31 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
         return 1.0 / (1.0 + math.exp(-z)), att
     e = math.exp(z)
     return e / (1.0 + e), att
+
+
+_warm = False
+
+
+def warm() -> None:
+    """Compile `forward` now (or load it from its cache), on tiny arguments of the signature
+    OneEventNet passes (read-only C-contiguous float64 arrays, a writable u): the service calls
+    this while it starts, so that neither the first Predict nor the publication that first makes
+    the fusion ready pays for it. A cache that cannot be written (a full or read-only disk) costs
+    a warning, not the service: numba keeps what it compiled in memory."""
+    global _warm
+    if _warm:
+        return
+
+    def ro(*shape: int) -> np.ndarray:
+        a = np.zeros(shape)
+        a.setflags(write=False)
+        return a
+    # one expert, one head, C = 1 (C1 = 2), no features: u @ M is [d (2) | x (2) | rows (3)]
+    args = (np.zeros(4), ro(4, 7), ro(2, 4), ro(1), ro(2, 5), ro(1), ro(1, 2), ro(1, 2), ro(0),
+            1, 1, 1, 1, 1, 0, 2, 4, 7, 0.0, 1.0, 0.0, 0.0, True)
+    try:
+        forward(*args)
+    except OSError as e:  # numba registers the compiled code before it saves the cache
+        log.warning("the compiled forward cannot be cached (%s): it is compiled again at each start", e)
+        forward(*args)
+    _warm = True

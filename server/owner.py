@@ -25,9 +25,9 @@ checkpoint and the journal; if it dies MAX_RESTARTS_IN_A_ROW + 1 times without l
 the owner stops: waiting callers get an error, `failed` is set and the service reports NOT_SERVING.
 
 Predictor answers Predicts without the owner: the first caller to find it idle becomes the leader
-and computes one batched forward, with the newest published snapshot, for every Predict queued at
-that moment (its own included); the others wait for it. A lone Predict is computed in its own
-handler thread, with no hand-off; concurrent ones share a forward. Training never blocks a Predict
+and computes, with the newest published snapshot, every Predict queued at that moment (its own
+included; each through the compiled single-event forward); the others wait for it. A lone Predict
+is computed in its own handler thread, with no hand-off. Training never blocks a Predict
 (with the trainer process it does not even share the interpreter).
 
 On start, the owner loads the newest valid checkpoint, replays the journal's outcomes after it
@@ -510,6 +510,8 @@ class ModelOwner:
         STARTUP_LEARN_SECONDS; the rest while serving). A trainer that dies meanwhile (an OOM kill,
         say) is replaced and the recovery starts over, as a restart while serving would; the same
         bound on deaths in a row applies."""
+        from . import onekernel
+        onekernel.warm()  # the compiled single-event forward, before SERVING (docs/operations.md)
         deaths = 0
         while True:
             try:
@@ -1140,7 +1142,7 @@ class Predictor:
                     s.finish(p)
 
     def _compute(self, events: list[Event], event_ids: list[str]) -> list[Prediction | Exception]:
-        """One batched forward with the newest published snapshot; never raises."""
+        """The events' forecasts with the newest published snapshot; never raises."""
         pub = self._owner.published
         try:
             preds: list[Prediction | Exception] = pub.snapshot.predict(events, "experts")

@@ -83,6 +83,27 @@ def _snapshot_with(n_models: int, cfg: dict, features: bool, missing: bool):
     return fusion, events
 
 
+def _numpy_reference(fusion, snap, events) -> list[tuple[float, dict[str, float]]]:
+    """(prob_up, attention by expert name in request order) of each event through NumpyNet.forward,
+    batched: the plain numpy form of the network that OneEventNet folds and compiles."""
+    from titan_fusion.server.inference import classic_rows, expert_probs
+    rs = [snap.schema.resolve(ev) for ev in events]
+    x = [r.x + (classic_rows(fusion._classic, expert_probs(r.x)) if fusion._classic is not None else []) for r in rs]
+    probs, weights = snap.net.forward(np.array(x, dtype=np.float64),
+                                      np.array([r.feats for r in rs], dtype=np.float64).reshape(len(rs), -1),
+                                      snap.skill_logw)
+    n = snap.schema.n_models
+    if fusion._classic is not None:  # attention on an aggregator's token goes to the experts behind it
+        weights = weights[:, :n] + weights[:, n:] @ np.array(snap.classic.shares())
+    out = []
+    for r, p, w in zip(rs, probs.tolist(), weights.tolist()):
+        attention = [("", 0.0)] * n
+        for j, req in enumerate(r.order):
+            attention[req] = (snap.schema.names[j], w[j])
+        out.append((p, dict(attention)))
+    return out
+
+
 @pytest.mark.parametrize("cfg, features, missing", [
     ({}, True, False),  # the defaults: skill_bias, logit_pool, classic tokens, no identity, EMA
     ({}, False, False),
@@ -94,27 +115,27 @@ def _snapshot_with(n_models: int, cfg: dict, features: bool, missing: bool):
     ({"num_heads": 4}, True, False),
     ({"num_heads": 1, "hidden_dim": 16}, True, True),
 ])
-def test_single_event_path_equals_batched_and_torch(cfg, features, missing):
+def test_single_event_path_equals_the_numpy_reference_and_torch(cfg, features, missing):
     from titan_fusion.server.inference import Prediction, classic_rows, expert_probs
 
     fusion, events = _snapshot_with(4, cfg, features, missing)
     snap = fusion.snapshot()
     assert snap.ready and snap.net is not None
-    batched = snap.predict(events)
+    reference = _numpy_reference(fusion, snap, events)
     for one_bounded in (True, False):
         if not one_bounded:  # the path that subtracts the softmax maxima, for weights without a bound
             snap.__dict__.pop("_one")  # a fresh fold (cached per snapshot), forced down that path
             snap._one.bounded = False
-        for ev, b in zip(events, batched):
+        together = snap.predict(events)
+        for ev, (p_ref, att_ref), b in zip(events, reference, together):
             one = snap.predict([ev])[0]
-            assert isinstance(one, Prediction) and isinstance(b, Prediction)
-            assert one.source == b.source == "fusion"
-            assert abs(one.prob_up - b.prob_up) < 1e-9
-            assert list(one.attention) == list(b.attention)  # request order
-            assert max(abs(one.attention[k] - b.attention[k]) for k in b.attention) < 1e-9
+            assert isinstance(one, Prediction) and one.source == "fusion"
+            assert abs(one.prob_up - p_ref) < 1e-9
+            assert list(one.attention) == list(att_ref)  # request order
+            assert max(abs(one.attention[k] - att_ref[k]) for k in att_ref) < 1e-9
             assert abs(sum(one.attention.values()) - 1.0) < 1e-12
-            assert snap.predict([ev])[0] == one  # the same bits every time on the same snapshot
-    # and the batched path equals torch in eval mode (the learner's own token inputs)
+            assert snap.predict([ev])[0] == one == b  # the same bits every time, alone or in a batch
+    # and the reference equals torch in eval mode (the learner's own token inputs)
     net = fusion._net
     net.eval()
     try:
@@ -122,7 +143,7 @@ def test_single_event_path_equals_batched_and_torch(cfg, features, missing):
             saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
             net.load_state_dict({**saved, **fusion._ema})
         shift, scale = fusion._norm.shift_scale()
-        for ev, b in zip(events, batched):
+        for ev, (p_ref, _) in zip(events, reference):
             r = snap.schema.resolve(ev)
             x = r.x + (classic_rows(fusion._classic, expert_probs(r.x)) if fusion._classic is not None else [])
             feats = torch.tensor([r.feats], dtype=torch.float64)
@@ -130,16 +151,18 @@ def test_single_event_path_equals_batched_and_torch(cfg, features, missing):
             skill = fusion._skill[None].float() if net.config.skill_bias else None
             with torch.no_grad():
                 logits, _, _ = net(torch.tensor([x], dtype=torch.float32), f, skill=skill)
-            assert abs(float(torch.softmax(logits.double(), -1)[0, 0]) - b.prob_up) < 1e-6
+            assert abs(float(torch.softmax(logits.double(), -1)[0, 0]) - p_ref) < 1e-6
     finally:
         if fusion._ema is not None:
             net.load_state_dict(saved)
         net.train()
 
 
-def test_single_event_path_refuses_and_falls_back_like_the_batched_path():
+def test_a_batch_answers_each_event_as_it_would_alone():
+    """Refusals and fallbacks in a batch are each event's own: the same error (field and message)
+    or the same forecast, to the bit, as the event alone."""
     from titan_fusion.server.errors import FusionInputError
-    from titan_fusion.server.inference import Event
+    from titan_fusion.server.inference import Event, Prediction
 
     fusion, events = _snapshot_with(4, {}, True, False)
     snap = fusion.snapshot()
@@ -147,13 +170,17 @@ def test_single_event_path_refuses_and_falls_back_like_the_batched_path():
            Event.parse([{"prob_up": 0.5}] * 4, {"close": 1.0}),  # a missing feature
            Event.parse([{"prob_up": 0.5}] * 4, {"close": 1.0, "rsi": 2.0, "volume": 3.0}),
            Event.parse([{"prob_up": 0.5}] * 3, {"close": 1.0, "rsi": 2.0})]  # wrong expert count
-    batched = snap.predict(bad + events[:1])
-    for ev, b in zip(bad, batched):
+    together = snap.predict(bad + events[:1])
+    kinds = []
+    for ev, b in zip(bad + events[:1], together):
         one = snap.predict([ev])[0]
         if isinstance(b, FusionInputError):
             assert isinstance(one, FusionInputError) and (one.field, str(one)) == (b.field, str(b))
+            kinds.append("refused")
         else:
-            assert (one.source, one.reason, one.prob_up) == (b.source, b.reason, b.prob_up) == ("average", "wrong_expert_count", 0.5)
+            assert isinstance(b, Prediction) and b == one
+            kinds.append(b.reason or b.source)
+    assert kinds == ["refused", "refused", "refused", "wrong_expert_count", "fusion"]
 
 
 def test_single_event_net_equals_numpy_net_for_many_shapes():
@@ -219,6 +246,8 @@ def test_the_compiled_forward_travels_unbound_and_gives_the_same_bits_after(tmp_
     assert sent.prepare()._one._kernel is not None
     for ev in events[:5]:
         assert sent.predict([ev])[0] == snap.predict([ev])[0]
+    from titan_fusion.server import onekernel
+    assert len(onekernel.forward.signatures) == 1  # unpickled arrays made read-only again: no second compile
 
 
 def test_the_compiled_forward_compiles_without_a_cache_where_none_can_be_written(tmp_path):
@@ -241,3 +270,38 @@ print("loaded")
                PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.split() == ["loaded"], out.stderr[-2000:]
+
+
+def test_a_compile_that_cannot_be_cached_still_serves(tmp_path):
+    """Saving the compiled forward's cache fails (a full or read-only disk): numba raises after it
+    compiled, and the service's warm-up keeps what it compiled (a warning), instead of failing."""
+    import os
+    import subprocess
+    import sys
+    script = """
+import errno, logging
+import numba.core.caching as caching
+def full(self, sig, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+caching.Cache.save_overload = full
+logging.basicConfig(level=logging.WARNING)
+from titan_fusion.server import onekernel
+onekernel.warm()
+print(len(onekernel.forward.signatures))
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))  # empty: it must compile and save
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["1"], out.stderr[-2000:]
+    assert "cannot be cached" in out.stderr and "No space left on device" in out.stderr
+
+
+def test_the_forecasts_run_the_signature_the_warm_up_compiled():
+    """onekernel.warm() compiles for the argument types OneEventNet passes: serving forecasts adds
+    no second compilation (which would stall the first Predict)."""
+    from titan_fusion.server import onekernel
+    fusion, events = _snapshot_with(4, {}, True, False)
+    snap = fusion.snapshot().prepare()
+    onekernel.warm()
+    for ev in events[:3]:
+        snap.predict([ev])
+    assert len(onekernel.forward.signatures) == 1

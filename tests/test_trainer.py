@@ -233,16 +233,18 @@ assert saved.samples_trained == 90 and [i.name for i in c.checkpoint_list()].cou
 c.record_outcome(events[0][0], events[0][1], actual_direction=events[0][2], event_id="after")
 c.checkpoint_restore("kept")
 trainer_maps = open(f"/proc/{{svc.owner.trainer.pid}}/maps").read()
+from titan_fusion.server import onekernel
 print(c.predict(*events[0][:2]).source, c.stats()["samples_trained"], "torch" in sys.modules,
-      "numba" in sys.modules, "llvmlite" in trainer_maps or "numba" in trainer_maps, flush=True)
+      "numba" in sys.modules, "llvmlite" in trainer_maps or "numba" in trainer_maps,
+      len(onekernel.forward.signatures), flush=True)
 c.close()
 svc.stop(grace=1)
 """)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     # and the compiled forward (numba, ~140 MiB) is the service process's alone: the trainer folds
-    # the snapshots it sends with numpy
-    assert out.stdout.split() == ["fusion", "90", "False", "True", "False"]
+    # the snapshots it sends with numpy; the snapshots it sends run the signature compiled at start
+    assert out.stdout.split() == ["fusion", "90", "False", "True", "False", "1"]
 
 
 def _dying_trainers(monkeypatch: pytest.MonkeyPatch, dies) -> list[LocalTrainer]:
