@@ -31,6 +31,20 @@ def _compiled(fn):
         return njit(error_model="numpy")(fn)
 
 
+@njit(error_model="numpy")  # compiled into forward, and cached with it
+def _times(a, b):  # pragma: no cover - compiled
+    """a @ b, a row at a time: the innermost loop runs along b's rows, which LLVM vectorizes."""
+    r, k = a.shape
+    m = b.shape[1]
+    out = np.zeros((r, m))
+    for i in range(r):
+        for c in range(k):
+            x = a[i, c]
+            for j in range(m):
+                out[i, j] += x * b[c, j]
+    return out
+
+
 @_compiled
 def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x, b_rg, b_wkq,
             head_bias, inv_nh, gelu_k, gelu_c, bounded):  # pragma: no cover - compiled; tests call it through OneEventNet
@@ -59,12 +73,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
         for c in range(C1):
             d[t, c] *= inv
     Q = W1.shape[1]
-    qkv = np.zeros((T, Q))
-    for t in range(T):
-        for c in range(C1):
-            dv = d[t, c]
-            for j in range(Q):
-                qkv[t, j] += dv * W1[c, j]
+    qkv = _times(d, W1)
     # self-attention scores, (n * nh, T): the queries come masked per head
     kc = nh * C
     s = np.empty((n * nh, T))
@@ -104,12 +113,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
                     x2[i, c] += w * qkv[t, base + c]
     # x2 @ W2: [x2 centered | its fc input | x2 + the MLP's bias, centered]
     P2 = W2.shape[1]
-    dd = np.zeros((n, P2))
-    for i in range(n):
-        for c in range(C1):
-            xv = x2[i, c]
-            for j in range(P2):
-                dd[i, j] += xv * W2[c, j]
+    dd = _times(x2, W2)
     H = P2 - 2 * C1
     g = np.empty((n, H))  # 2 GELU(h) (the 1/2 is in W3), after LayerNorm 2
     for i in range(n):
