@@ -45,6 +45,25 @@ def _times(a, b):  # pragma: no cover - compiled
     return out
 
 
+@njit(error_model="numpy")  # compiled into forward, and cached with it
+def _inv_norm(x):  # pragma: no cover - compiled
+    """1 / |x|: a LayerNorm's scale, folded (x is centered, and carries sqrt(eps))."""
+    ss = 0.0
+    for i in range(x.shape[0]):
+        ss += x[i] * x[i]
+    return 1.0 / math.sqrt(ss)
+
+
+@njit(error_model="numpy")  # compiled into forward, and cached with it
+def _minus_max(x):  # pragma: no cover - compiled
+    """x -= max(x), in place: a softmax's shift, for scores that no bound keeps from overflowing."""
+    m = x[0]
+    for i in range(1, x.shape[0]):
+        m = max(m, x[i])
+    for i in range(x.shape[0]):
+        x[i] -= m
+
+
 @_compiled
 def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x, b_rg, b_wkq,
             head_bias, inv_nh, gelu_k, gelu_c, bounded):  # pragma: no cover - compiled; tests call it through OneEventNet
@@ -62,16 +81,9 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
             for j in range(O):
                 o[j] += ur * M[r, j]
     # the centered tokens, normalized (LayerNorm 1; its gain and bias are in W1)
-    d = np.empty((T, C1))
+    d = o[b_d:b_d + T * C1].copy().reshape(T, C1)
     for t in range(T):
-        ss = 0.0
-        for c in range(C1):
-            v = o[b_d + t * C1 + c]
-            d[t, c] = v
-            ss += v * v
-        inv = 1.0 / math.sqrt(ss)
-        for c in range(C1):
-            d[t, c] *= inv
+        d[t] *= _inv_norm(d[t])
     Q = W1.shape[1]
     qkv = _times(d, W1)
     # self-attention scores, (n * nh, T): the queries come masked per head
@@ -86,11 +98,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
                 s[i * nh + h, t] = acc
     for r in range(n * nh):
         if not bounded:
-            m = s[r, 0]
-            for t in range(1, T):
-                m = max(m, s[r, t])
-            for t in range(T):
-                s[r, t] -= m
+            _minus_max(s[r])
         tot = 0.0
         for t in range(T):
             e = math.exp(s[r, t])
@@ -117,10 +125,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
     H = P2 - 2 * C1
     g = np.empty((n, H))  # 2 GELU(h) (the 1/2 is in W3), after LayerNorm 2
     for i in range(n):
-        ss = 0.0
-        for c in range(C1):
-            ss += dd[i, c] * dd[i, c]
-        inv = 1.0 / math.sqrt(ss)
+        inv = _inv_norm(dd[i, :C1])
         for j in range(H):
             hv = dd[i, C1 + j] * inv + fc_bias[j]
             g[i, j] = (math.tanh(hv * (hv * hv * gelu_k + gelu_c)) + 1.0) * hv
@@ -135,10 +140,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
     # pooling scores per head, (nh, n)
     sc = np.empty((nh, n))
     for i in range(n):
-        ss = 0.0
-        for c in range(C1):
-            ss += d3[i, c] * d3[i, c]
-        inv = 1.0 / math.sqrt(ss)
+        inv = _inv_norm(d3[i])
         for h in range(nh):
             acc = 0.0
             if wkq.shape[0] == 0:
@@ -155,11 +157,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
     rows = np.zeros((nh, K))
     for h in range(nh):
         if not bounded:
-            m = sc[h, 0]
-            for i in range(1, n):
-                m = max(m, sc[h, i])
-            for i in range(n):
-                sc[h, i] -= m
+            _minus_max(sc[h])
         for i in range(n):
             e = math.exp(sc[h, i])
             for k in range(K):
