@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 from numba import njit
@@ -27,7 +28,8 @@ def _compiled(fn):
     and home), it compiles at each start instead (about 1.5 s) rather than fail."""
     try:
         return njit(cache=True, error_model="numpy")(fn)
-    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
+        log.warning("the compiled forward cannot be cached (%s): it is compiled again at each start", e)
         return njit(error_model="numpy")(fn)
 
 
@@ -199,6 +201,19 @@ def warm() -> None:
     try:
         forward(*args)
     except OSError as e:  # numba registers the compiled code before it saves the cache
+        _forget_cache()
         log.warning("the compiled forward cannot be cached (%s): it is compiled again at each start", e)
         forward(*args)
     _warm = True
+
+
+def _forget_cache() -> None:
+    """Remove forward's cache index after a save that failed: numba writes the index before the
+    compiled code, so the index would name a code file that the failed write left as it was (the
+    previous version's, after an upgrade), and the next start would load that."""
+    index = getattr(getattr(getattr(forward, "_cache", None), "_cache_file", None), "_index_path", None)
+    if index:
+        try:
+            os.remove(index)
+        except OSError:
+            pass

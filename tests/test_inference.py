@@ -270,29 +270,34 @@ print("loaded")
                PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.split() == ["loaded"], out.stderr[-2000:]
+    assert "cannot be cached" in out.stderr  # said at import: every start will compile
 
 
 def test_a_compile_that_cannot_be_cached_still_serves(tmp_path):
-    """Saving the compiled forward's cache fails (a full or read-only disk): numba raises after it
-    compiled, and the service's warm-up keeps what it compiled (a warning), instead of failing."""
+    """Saving the compiled forward's cache fails (a full disk): numba raises after it compiled,
+    and the service's warm-up keeps what it compiled (a warning), instead of failing. numba wrote
+    the cache's index before the code that failed: the index goes, so that a later start cannot
+    load the code file it names (the previous version's, after an upgrade)."""
     import os
     import subprocess
     import sys
     script = """
 import errno, logging
 import numba.core.caching as caching
-def full(self, sig, data):
+def full(self, name, data):
     raise OSError(errno.ENOSPC, "No space left on device")
-caching.Cache.save_overload = full
+caching.IndexDataCacheFile._save_data = full  # the index is written, the compiled code is not
 logging.basicConfig(level=logging.WARNING)
 from titan_fusion.server import onekernel
 onekernel.warm()
 print(len(onekernel.forward.signatures))
 """
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))  # empty: it must compile and save
+    cache = tmp_path / "cache"  # empty: it must compile and save
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.split() == ["1"], out.stderr[-2000:]
     assert "cannot be cached" in out.stderr and "No space left on device" in out.stderr
+    assert not [p.name for p in cache.rglob("*") if p.name.startswith("onekernel.forward") and p.suffix == ".nbi"]
 
 
 def test_the_forecasts_run_the_signature_the_warm_up_compiled():
