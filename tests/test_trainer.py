@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from service_helpers import FAST, Running, events, learn, predictions, start, wait_until
+from titan_fusion.server import owner as owner_module
 from titan_fusion.server.errors import CheckpointError, TrainerDiedError
 from titan_fusion.server.fusion import TransformerFusion
 from titan_fusion.server.inference import Event
@@ -475,6 +476,7 @@ def test_a_trainer_that_dies_during_recovery_is_replaced(tmp_path: Path, monkeyp
     finally:
         running.close()
     shutil.rmtree(data / "checkpoints")  # the stop's checkpoint: the model comes from the journal alone
+    monkeypatch.setattr(owner_module, "STARTUP_LEARN_SECONDS", 600.0)  # the whole journal before SERVING, however slow
     made = _dying_trainers(monkeypatch, lambda nth, t: nth < deaths)  # the first `deaths` trainers die at once
     svc, port, registry = start(data, ready=False)
     running = Running(svc, port, registry, data)
@@ -515,6 +517,7 @@ def test_a_recovery_started_over_scores_each_outcome_once(tmp_path: Path, monkey
     finally:
         running.close()
     shutil.rmtree(data / "checkpoints")  # recovery replays the whole journal, scoring it
+    monkeypatch.setattr(owner_module, "STARTUP_LEARN_SECONDS", 600.0)  # the whole journal before SERVING, however slow
     made = _dying_trainers(monkeypatch, lambda nth, t: nth == 0 and t.fusion.samples_trained >= CATCH_UP_CHUNK)
     svc, port, registry = start(data)
     running = Running(svc, port, registry, data)
