@@ -1,12 +1,13 @@
-"""The serving side: events, the schema, and immutable inference snapshots computed with numpy.
+"""The serving side: events, the schema, and immutable inference snapshots (numpy weights, folded;
+the single-event forward compiled in server/onekernel.py).
 
 The learner (TransformerFusion) publishes a Snapshot after its state changes: a training step, a
 new outcome (the feature normalizer moves), a load. A snapshot holds everything a prediction needs
 (schema, readiness, weights, normalizer) and never changes once made, so any thread may predict
-with it, without a lock, while the owner thread trains. Predictions and validation losses read it,
-never the torch module: no train/eval mode switch, no autograd, and numpy's per-call overhead
-instead of torch's (tens of microseconds for one event, against hundreds).
-`tests/test_inference.py` checks NumpyNet equals FusionNet in eval mode to 1e-6.
+with it, without a lock, while the owner thread trains. Predictions read it,
+never the torch module: no train/eval mode switch, no autograd, no torch per-call overhead
+(hundreds of microseconds for one event). `tests/test_inference.py` checks NumpyNet equals
+FusionNet in eval mode to 1e-6, and the compiled single-event forward equals NumpyNet.
 """
 from __future__ import annotations
 
@@ -572,8 +573,8 @@ class Snapshot:
         return self
 
     def prepare(self) -> "Snapshot":
-        """fold(), and the compiled forward bound and run once in this process: the model owner
-        calls this before it publishes the snapshot, off the Predict path."""
+        """fold(), and the compiled forward bound (onekernel.warm compiles or loads it once per
+        process): the model owner calls this before it publishes the snapshot, off the Predict path."""
         self.fold()
         if "_one" in self.__dict__:
             self._one.bind()

@@ -27,7 +27,7 @@ a series reads 0 rather than being absent before its first event.
 | `fusion_checkpoint_errors_total` | counter | `action` = save, restore | checkpoint saves and restores that failed |
 | `fusion_rpc_errors_total` | counter | `method`, `code` | RPCs that ended with a non-OK gRPC status (code like INVALID_ARGUMENT) |
 | `fusion_rpc_duration_seconds` | histogram | `method` | RPC handling time, seconds, every status included |
-| `fusion_predict_batch_size` | histogram | | Predicts answered by one forecast (micro-batching: 1 for a Predict computed alone, more when Predicts queued while one was computed) |
+| `fusion_predict_batch_size` | histogram | | Predicts computed together by one handler thread (flat combining: 1 for a Predict computed alone, more when Predicts queued while one was computed) |
 | `fusion_live_log_loss` | gauge | `source` = served, fusion, average | rolling log loss on the outcomes of predicted events (live scoring; NaN before any) |
 | `fusion_live_accuracy` | gauge | `source` | rolling accuracy, same window |
 | `fusion_live_brier` | gauge | `source` | rolling Brier score, same window |
@@ -161,8 +161,8 @@ class Metrics:
                                                 ("method",), buckets=RPC_BUCKETS, registry=r)
         # Bound once: the hot path does self.rpc_duration[method].observe(seconds).
         self.rpc_duration = {m: self.rpc_duration_histogram.labels(m) for m in self.methods}
-        self.predict_batch_size = Histogram("fusion_predict_batch_size", "Predicts answered by one forecast "
-                                            "(1: computed alone; more: queued while another was computed).",
+        self.predict_batch_size = Histogram("fusion_predict_batch_size", "Predicts computed together by one "
+                                            "thread (1: computed alone; more: queued while another was computed).",
                                             buckets=BATCH_BUCKETS, registry=r)
 
         # --- live shadow scoring (server/live.py) ---

@@ -1169,7 +1169,7 @@ class Predictor:
                                           "event_id cannot be kept; retry, or predict without event_id")
                 preds = [refused if isinstance(p, Prediction) and eid else p for eid, p in zip(event_ids, preds)]
         except Exception as e:  # a bug: every Predict of the batch gets it, none hangs
-            log.exception("batched predict failed")
+            log.exception("predict failed")
             preds = [e] * len(events)
         try:  # every computation, failed ones too (the batch-size histogram counts each once)
             self._on_predictions(preds)
