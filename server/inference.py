@@ -213,8 +213,8 @@ class OneEventNet:
 
     MAX_SCORE = 300.0  # exp(+-300) is far from float64's overflow and from its subnormals
 
-    __slots__ = ("n", "ne", "nh", "C", "C1", "T", "M", "blocks", "W1", "bq", "W2", "fc_bias",
-                 "W3", "wkq", "skill", "head_bias", "shift", "scale", "inv_nh", "bounded", "_args", "_kernel")
+    # the folded arrays live only in _args, the compiled forward's arguments
+    __slots__ = ("shift", "scale", "bounded", "_args", "_kernel")
 
     def __init__(self, net: NumpyNet, skill: np.ndarray | None = None,
                  shares: Sequence[Sequence[float]] | None = None):
@@ -286,10 +286,10 @@ class OneEventNet:
             # |d . wkq_h| <= |wkq_h| <= |wkq0_h| + 5 sum_k |wkq_k,h| (normalized features are in [-5, 5])
             norms = np.sqrt(np.einsum("kch,kch->kh", wkq[fr], wkq[fr]))
             pool_bound = float((np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)) + 5.0 * norms.sum(axis=0)).max())
-            self.wkq = None
+            wkq_const = None  # from u @ M, per event
         else:
             pool_bound = float(np.sqrt(np.einsum("ch,ch->h", wkq0, wkq0)).max())
-            self.wkq = wkq0.T.copy()  # (nh, C1)
+            wkq_const = wkq0.T.copy()  # (nh, C1)
         # self-attention: [queries masked per head (nh blocks of C) | keys | per head v_h @ proj_h]
         W1 = np.zeros((C1, nh * C + C + nh * C1))
         q_b = np.zeros((nh, C))
@@ -300,8 +300,6 @@ class OneEventNet:
         vw = W1[:C, (nh + 1) * C:].reshape(C, nh, C1)
         vw[:, :, :C] = np.einsum("chs,hsd->chd", qkv[:, 2 * C:].reshape(C, nh, hs), w["attn_proj"].reshape(nh, hs, C))
         W1 *= sq
-        self.W1 = W1
-        self.bq = q_b.reshape(nh * C)
         # |q_i . k_j| <= |q_i| |k_j| per head, and a LayerNorm's output (over sqrt(C)) has norm <= 1
         col2 = np.einsum("ck,ck->k", W1, W1)
         q_norm = np.sqrt(col2[:nh * C].reshape(nh, C).sum(axis=1)) + np.sqrt(np.einsum("hc,hc->h", q_b, q_b))
@@ -314,29 +312,23 @@ class OneEventNet:
         W2[:, C1:-C1] = P[:, :C] @ (sq * w["fc"])
         W2[:, -C1:] = P
         W2[C, -C1:-1] += w["mlp_proj_bias"] @ P[:C, :C]
-        self.W2 = W2
-        self.fc_bias = w["fc_bias"]
-        self.W3 = w["mlp_proj"] @ P[:C]
+        W3 = w["mlp_proj"] @ P[:C]
         if net.skill_bias:
             s = float(w["skill_scale"][0]) * np.asarray(skill, dtype=np.float64)
-            self.skill = s - s.max()  # a constant shift: the softmax is the same
+            skill_w = s - s.max()  # a constant shift: the softmax is the same
         else:
-            self.skill = None
+            skill_w = None
         self.bounded = att_bound <= self.MAX_SCORE and pool_bound <= self.MAX_SCORE
-        self.head_bias = float(w["head_bias"])
-        self.M, self.blocks = M, (b_d, b_x, b_rg, b_wkq)
-        self.n, self.ne, self.nh, self.C, self.C1, self.T = n, ne, nh, C, C1, T
         self.shift, self.scale = net.norm_shift.tolist(), net.norm_scale.tolist()
-        self.inv_nh = 1.0 / nh
         # the compiled forward's arguments: C-contiguous float64, read-only (one compiled signature);
         # wkq and skill empty when the event supplies them or there are none
         def arg(a: np.ndarray | None, empty: tuple[int, ...]) -> np.ndarray:
             a = np.ascontiguousarray(a if a is not None else np.empty(empty), dtype=np.float64)
             a.setflags(write=False)
             return a
-        self._args = (arg(M, ()), arg(W1, ()), arg(self.bq, ()), arg(W2, ()), arg(self.fc_bias, ()),
-                      arg(self.W3, ()), arg(self.wkq, (0, 0)), arg(self.skill, (0,)), n, ne, nh, C, T,
-                      b_d.start, b_x.start, b_rg.start, b_wkq.start, self.head_bias, self.inv_nh, GELU_K, GELU_C)
+        self._args = (arg(M, ()), arg(W1, ()), arg(q_b.reshape(nh * C), ()), arg(W2, ()), arg(w["fc_bias"], ()),
+                      arg(W3, ()), arg(wkq_const, (0, 0)), arg(skill_w, (0,)), n, ne, nh, C, T,
+                      b_d.start, b_x.start, b_rg.start, b_wkq.start, float(w["head_bias"]), 1.0 / nh, GELU_K, GELU_C)
         self._kernel = None  # bound in the process that forecasts (bind()), never pickled
 
     def bind(self) -> "OneEventNet":
