@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service_helpers import FAST, Running, events, learn, predictions, start, wait_until
+from service_helpers import FAST, Running, events, learn, owner_puts, predictions, start, wait_until
 from titan_fusion.server import owner as owner_module
 from titan_fusion.server.errors import CheckpointError, TrainerDiedError
 from titan_fusion.server.fusion import TransformerFusion
@@ -444,7 +444,12 @@ def test_the_queue_depth_gauge_is_live_while_the_owner_is_stuck(tmp_path: Path, 
         assert running.sample("fusion_queue_depth", {"queue": "owner"}) == 0  # nothing queued yet
         senders = [threading.Thread(target=learn, args=(running.client(timeout=60), [ev], "q", 20 + i))
                    for i, ev in enumerate(evs[20:])]
-        for t in senders:
+        # the first one alone, until the owner took it (and waits on the stopped trainer): senders
+        # arriving together would be drained in one batch and never show as queued
+        puts = owner_puts(svc)
+        senders[0].start()
+        wait_until(lambda: owner_puts(svc) > puts and svc.owner.queue_depth == 0, 30, "the owner to take the first")
+        for t in senders[1:]:
             t.start()
         wait_until(lambda: running.sample("fusion_queue_depth", {"queue": "owner"}) >= 3, 30,
                    "the gauge to show the outcomes queued behind the stuck one")
