@@ -31,9 +31,7 @@ SOURCES = ("served", "fusion", "average")
 class LiveScorer:
     def __init__(self, window: int = 500, margin: float = 0.01, min_outcomes: int = 200):
         self.window, self.margin, self.min_outcomes = window, margin, min_outcomes
-        self.scores = {s: RollingScore(window) for s in SOURCES}
-        self.underperforming = False
-        self.switches = 0
+        self.load(None)  # nothing scored yet
 
     def observe(self, served: float, fusion: float, average: float, y: int) -> bool:
         """Score one outcome; True when it flipped what is served."""
