@@ -13,12 +13,20 @@ flight).
     "3", "6-7", "2,5"   the trainer gets these CPUs (Linux cpulist syntax), the service the rest of
              the CPUs it may use; they must be among those, and leave it at least one
 
+The service's Python threads (the gRPC poller and handlers, the model owner) keep to the service's
+CPUs. The threads the interpreter did not start, gRPC's C++ event engine (it reads and writes the
+sockets, without the interpreter lock), its timer and lifeguard, may run on every CPU, the
+trainer's included: at normal priority they take the trainer's CPU from it (it runs at SCHED_IDLE)
+for as long as they work. With 32 Predicts in flight they spent about 18 us of CPU a call, which the
+service's one CPU no longer pays (docs/PERFORMANCE.md).
+
 Only the trainer process (trainer = "process") is placed; with trainer = "thread" nothing is.
 Where the platform has no CPU affinity (macOS), nothing is pinned.
 """
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 AUTO, OFF = "auto", "off"
@@ -89,13 +97,16 @@ def affinities() -> dict[int, frozenset[int]]:
     return out
 
 
-def pin_process(cpus: frozenset[int]) -> dict[int, frozenset[int]]:
-    """Every thread of this process onto `cpus` (threads started later inherit it from the thread
-    that starts them); returns each thread's previous CPUs, for restore()."""
+def pin_process(cpus: frozenset[int], others: frozenset[int] | None = None) -> dict[int, frozenset[int]]:
+    """The interpreter's threads of this process onto `cpus`, and the threads it did not start
+    (gRPC's C++ event engine, its timer and lifeguard) onto `others` (default: `cpus`). Threads
+    started later inherit the CPUs of the thread that starts them. Returns each thread's previous
+    CPUs, for restore()."""
     before = affinities()
+    python = {t.native_id for t in threading.enumerate()}
     for tid in before:
         try:
-            os.sched_setaffinity(tid, cpus)
+            os.sched_setaffinity(tid, cpus if others is None or tid in python else others)
         except OSError:  # the thread has ended meanwhile
             pass
     return before

@@ -574,9 +574,11 @@ class FusionService:
                 raise FusionError(f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
                                   f"{e.strerror or e}") from None
         if self.cpu_split is not None:  # before the owner starts the trainer (and its fork server)
-            self._affinity_before = cpus.pin_process(self.cpu_split.service)
-            log.info("the trainer runs on CPUs %s; the service keeps to CPUs %s (trainer_cpus = %r)",
-                     cpus.fmt(self.cpu_split.trainer), cpus.fmt(self.cpu_split.service), self.config.trainer_cpus)
+            split = self.cpu_split  # gRPC's own threads (created with self.server) may use every CPU
+            self._affinity_before = cpus.pin_process(split.service, others=split.service | split.trainer)
+            log.info("the trainer runs on CPUs %s; the service's Python threads keep to CPUs %s, gRPC's own "
+                     "threads may use CPUs %s (trainer_cpus = %r)", cpus.fmt(split.trainer), cpus.fmt(split.service),
+                     cpus.fmt(split.service | split.trainer), self.config.trainer_cpus)
         self.server.start()
         self.owner.start()
         threading.Thread(target=self._announce_ready, name="ready-watch", daemon=True).start()
