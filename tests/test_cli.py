@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,6 +111,13 @@ def test_health_prints_serving(server: Server) -> None:
     assert r.returncode == 0 and "SERVING" in r.stdout
     r = run("health", "--target", server.target, "--service", "no.such.Service")
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+
+
+def test_the_served_process_freezes_its_start_up_objects_out_of_the_collectors_passes(server: Server) -> None:
+    # server/trainer.py freeze_start_up: a full collection then walks only objects made since start
+    wait_until(lambda: "start-up objects frozen" in server.log.read_text(), timeout=10, what="the freeze")
+    frozen = re.search(r"(\d+) start-up objects frozen", server.log.read_text())
+    assert frozen and int(frozen.group(1)) > 10_000, server.log.read_text()
 
 
 def test_events_through_the_served_service_show_in_stats_and_metrics(server: Server) -> None:
