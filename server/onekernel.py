@@ -66,6 +66,19 @@ def _minus_max(x):  # pragma: no cover - compiled
         x[i] -= m
 
 
+@njit(error_model="numpy")  # compiled into forward, and cached with it
+def _tanh(x):  # pragma: no cover - compiled
+    """tanh through one exp: libm's tanh cost 3.5 of the forward's 24 us (its 896 GELUs). For |x|
+    near 0 it keeps an absolute error of about 1e-16 (not a relative one), which is what the GELU
+    needs: (tanh + 1) * x."""
+    if x > 20.0:  # tanh is 1 to the last bit from about 19.1 on
+        return 1.0
+    if x < -20.0:
+        return -1.0
+    e = math.exp(2.0 * x)
+    return (e - 1.0) / (e + 1.0)
+
+
 @_compiled
 def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x, b_rg, b_wkq,
             head_bias, inv_nh, gelu_k, gelu_c, bounded):  # pragma: no cover - compiled; tests call it through OneEventNet
@@ -130,7 +143,7 @@ def forward(u, M, W1, bq, W2, fc_bias, W3, wkq, skill, n, ne, nh, C, T, b_d, b_x
         inv = _inv_norm(dd[i, :C1])
         for j in range(H):
             hv = dd[i, C1 + j] * inv + fc_bias[j]
-            g[i, j] = (math.tanh(hv * (hv * hv * gelu_k + gelu_c)) + 1.0) * hv
+            g[i, j] = (_tanh(hv * (hv * hv * gelu_k + gelu_c)) + 1.0) * hv
     d3 = np.empty((n, C1))  # the pooling LayerNorm's input, centered
     for i in range(n):
         for c in range(C1):
