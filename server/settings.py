@@ -188,8 +188,9 @@ SERVICE_HELP: dict[str, str] = {
     "n_models": "number of experts per event",
     "trainer": "where the model trains: \"process\" (a child process, so training never stalls Predicts) or "
                "\"thread\" (the model owner's thread)",
-    "trainer_cpus": "CPUs of the trainer process, which the service process keeps off: \"auto\" (the last CPU "
-                    "when there are two or more), \"off\", or a CPU list such as \"3\", \"6-7\" or \"2,5\"",
+    "trainer_cpus": "CPUs of the trainer process, which the service's Python threads keep off (gRPC's own C++ "
+                    "threads may use every CPU): \"auto\" (the last CPU when there are two or more), \"off\", or a "
+                    "CPU list such as \"3\", \"6-7\" or \"2,5\"",
     "checkpoint_every": "automatic checkpoint every N learned outcomes; 0 turns it off",
     "checkpoints_keep": "automatic checkpoints kept in data_dir; older ones are deleted",
     "journal_keep_outcomes": "journaled outcomes kept once checkpointed; pruned at each automatic checkpoint",
