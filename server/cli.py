@@ -46,25 +46,20 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(e))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .service import create_server
-    from .trainer import freeze_start_up
     try:
-        service, port = create_server(config)
+        service, port = create_server(config, freeze_gc=True)  # this process is the service's alone
     except FusionError as e:
         logging.getLogger("titan_fusion.server").error("%s", e)
         return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ready_written = frozen = False
+    ready_written = False
     while not stop.wait(0.2):
         if service.owner.failed is not None:
             logging.getLogger("titan_fusion.server").error("the model could not be recovered; exiting")
             service.stop(0)
             return 1
-        if not frozen and service.owner.ready.is_set():
-            frozen = True
-            logging.getLogger("titan_fusion.server").info(
-                "%d start-up objects frozen out of the garbage collector's full passes", freeze_start_up())
         if ns.ready_file and not ready_written and service.owner.ready.is_set():
             tmp = ns.ready_file + ".tmp"
             with open(tmp, "w") as f:

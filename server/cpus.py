@@ -5,7 +5,7 @@ Predict's threads (gRPC's poller, a handler) keep landing on the core it holds a
 the scheduler: on the 2-vCPU machine of docs/PERFORMANCE.md, a busy process at the trainer's nice
 10 raised Predict p99 2.7-2.9x. With that process on its own core and the service kept off it,
 0.94-1.10x (`make bench`, "beside a plain CPU loop"; it also doubled Predicts/s with 8 and 32 in
-flight).
+flight), and 0.87-0.88x since gRPC's own threads may use that core too (below).
 
     "auto"   with two or more CPUs available: the trainer gets the last one, the service the rest
              (one CPU: nothing is pinned)
@@ -13,12 +13,14 @@ flight).
     "3", "6-7", "2,5"   the trainer gets these CPUs (Linux cpulist syntax), the service the rest of
              the CPUs it may use; they must be among those, and leave it at least one
 
-The service's Python threads (the gRPC poller and handlers, the model owner) keep to the service's
-CPUs. The threads the interpreter did not start, gRPC's C++ event engine (it reads and writes the
-sockets, without the interpreter lock), its timer and lifeguard, may run on every CPU, the
-trainer's included: at normal priority they take the trainer's CPU from it (it runs at SCHED_IDLE)
-for as long as they work. With 32 Predicts in flight they spent about 18 us of CPU a call, which the
-service's one CPU no longer pays (docs/PERFORMANCE.md).
+The service's threads keep to the service's CPUs (the Python ones: the gRPC poller and handlers,
+the model owner; and any other), except gRPC core's own C++ threads, recognised by their names
+(GRPC_THREADS): the event engine that reads and writes the sockets without the interpreter lock,
+its lifeguard and timer. They may run on every CPU, the trainer's included, where at normal
+priority they take the CPU from the trainer (SCHED_IDLE) for as long as they work. With 32
+Predicts in flight they spent about 18 us of CPU a call, which the service's own CPU no longer
+pays: +18-23% Predicts/s on the 2-vCPU machine (docs/PERFORMANCE.md). A gRPC release that names
+its threads otherwise leaves them on the service's CPUs, as before.
 
 Only the trainer process (trainer = "process") is placed; with trainer = "thread" nothing is.
 Where the platform has no CPU affinity (macOS), nothing is pinned.
@@ -26,10 +28,13 @@ Where the platform has no CPU affinity (macOS), nothing is pinned.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
 AUTO, OFF = "auto", "off"
+# gRPC core's threads (C++; none of them holds the interpreter lock), by the names it gives them as
+# Linux shows them (15 characters at most): the event engine's pool and the lifeguard that grows
+# it, the timer threads, and the executors of older releases. Another thread keeps the service's CPUs.
+GRPC_THREADS = ("event_engine", "lifeguard", "grpc_global_tim", "default-executo", "resolver-execut")
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
@@ -97,16 +102,16 @@ def affinities() -> dict[int, frozenset[int]]:
     return out
 
 
-def pin_process(cpus: frozenset[int], others: frozenset[int] | None = None) -> dict[int, frozenset[int]]:
-    """The interpreter's threads of this process onto `cpus`, and the threads it did not start
-    (gRPC's C++ event engine, its timer and lifeguard) onto `others` (default: `cpus`). Threads
-    started later inherit the CPUs of the thread that starts them. Returns each thread's previous
-    CPUs, for restore()."""
+def pin_process(cpus: frozenset[int], grpc_cpus: frozenset[int] | None = None) -> dict[int, frozenset[int]]:
+    """Every thread of this process onto `cpus`, except gRPC core's own threads (recognised by the
+    names gRPC gives them: GRPC_THREADS) onto `grpc_cpus` when it is given. Threads started later
+    inherit the CPUs of the thread that starts them. Returns each thread's previous CPUs, for
+    restore()."""
     before = affinities()
-    python = {t.native_id for t in threading.enumerate()}
     for tid in before:
+        mine = grpc_cpus is not None and thread_name(tid).startswith(GRPC_THREADS)
         try:
-            os.sched_setaffinity(tid, cpus if others is None or tid in python else others)
+            os.sched_setaffinity(tid, grpc_cpus if mine else cpus)
         except OSError:  # the thread has ended meanwhile
             pass
     return before
@@ -119,6 +124,15 @@ def restore(before: dict[int, frozenset[int]], default: frozenset[int]) -> None:
             os.sched_setaffinity(tid, before.get(tid, default))
         except OSError:
             pass
+
+
+def thread_name(tid: int) -> str:
+    """A thread's name as the kernel keeps it (/proc/self/task/TID/comm); "" where it cannot be read."""
+    try:
+        with open(f"/proc/self/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _threads() -> list[int]:

@@ -51,7 +51,7 @@ from .owner import BulkAck, BulkStream, ModelOwner, OutcomeAck, Predictor, Publi
 from . import cpus, security
 from .settings import SERVICE_PREFIX, ServiceConfig
 from .store import CheckpointInfo, CheckpointStore, check_name
-from .trainer import LocalTrainer, TrainerProcess
+from .trainer import LocalTrainer, TrainerProcess, freeze_start_up
 
 log = logging.getLogger("titan_fusion.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FusionService"].full_name  # titan.fusion.v1.FusionService
@@ -468,8 +468,12 @@ class DataDirLock:
 class FusionService:
     """Owns everything a running service has: the gRPC server, health, metrics, owner, journal."""
 
-    def __init__(self, config: ServiceConfig, *, registry: Any = None):
+    def __init__(self, config: ServiceConfig, *, registry: Any = None, freeze_gc: bool = False):
+        """freeze_gc: once the model is recovered, before SERVING, collect and freeze the objects
+        alive then out of the garbage collector's full passes (trainer.freeze_start_up): for a
+        process that is this service's alone (`titan-fusion serve`), not a library caller's."""
         self.config = config
+        self._freeze_gc = freeze_gc
         # Read the token and TLS files first: a ConfigError naming the parameter, nothing to undo.
         self.tokens = security.TokenSource.from_config(config)
         credentials = security.server_credentials(config)
@@ -575,7 +579,7 @@ class FusionService:
                                   f"{e.strerror or e}") from None
         if self.cpu_split is not None:  # before the owner starts the trainer (and its fork server)
             split = self.cpu_split  # gRPC's own threads (created with self.server) may use every CPU
-            self._affinity_before = cpus.pin_process(split.service, others=split.service | split.trainer)
+            self._affinity_before = cpus.pin_process(split.service, grpc_cpus=split.service | split.trainer)
             log.info("the trainer runs on CPUs %s; the service's Python threads keep to CPUs %s, gRPC's own "
                      "threads may use CPUs %s (trainer_cpus = %r)", cpus.fmt(split.trainer), cpus.fmt(split.service),
                      cpus.fmt(split.service | split.trainer), self.config.trainer_cpus)
@@ -591,6 +595,8 @@ class FusionService:
         while not self.owner.ready.wait(0.05):
             if self.owner.failed is not None or self._stopped:
                 return
+        if self._freeze_gc:
+            log.info("%d start-up objects frozen out of the garbage collector's full passes", freeze_start_up())
         if not self._stopped:
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -646,7 +652,9 @@ def new_trainer(config: ServiceConfig, split: cpus.Split | None = None) -> Local
     return LocalTrainer(TransformerFusion(config.fusion, n_models=config.n_models))
 
 
-def create_server(config: ServiceConfig, *, registry: Any = None) -> tuple[FusionService, int]:
-    """Build and start the service; returns it and the port it really listens on (port 0 picks one)."""
-    service = FusionService(config, registry=registry).start()
+def create_server(config: ServiceConfig, *, registry: Any = None,
+                  freeze_gc: bool = False) -> tuple[FusionService, int]:
+    """Build and start the service; returns it and the port it really listens on (port 0 picks one).
+    freeze_gc: see FusionService."""
+    service = FusionService(config, registry=registry, freeze_gc=freeze_gc).start()
     return service, service.port

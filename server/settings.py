@@ -89,7 +89,8 @@ class ServiceConfig:
     # Where the model trains: "process" (a child process: training never holds the service's
     # interpreter lock) or "thread" (the model owner's thread).
     trainer: str = "process"
-    # Which CPUs the trainer process runs on, the service process keeping off them (server/cpus.py):
+    # Which CPUs the trainer process runs on, the service's threads keeping off them (all but gRPC
+    # core's own; server/cpus.py):
     # "auto" (the last CPU, with two or more), "off", or a CPU list such as "3" or "6-7".
     trainer_cpus: str = "auto"
     checkpoint_every: int = 1000  # automatic checkpoint every N learned outcomes; 0 = off

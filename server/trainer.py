@@ -58,9 +58,10 @@ _HIDE_MAIN = threading.Lock()
 
 
 def freeze_start_up() -> int:
-    """Collect, then move every object alive now (the imported modules, the compiled forward, the
-    recovered model) out of the garbage collector's reach, so that its full passes walk only what
-    was made since. In the service process a full pass over its ~120,000 start-up objects took
+    """Collect, then move every object alive now (the imported modules and the compiled code, the
+    model as it is then) out of the garbage collector's reach, so that its full passes walk only
+    what was made since (objects frozen are still freed when nothing refers to them; only a cycle
+    among them that becomes garbage later stays). In the service process a full pass over its ~120,000 start-up objects took
     50-57 ms, every few seconds with 32 Predicts in flight, and every thread waits for it
     (docs/PERFORMANCE.md). Only for a process that is the service's alone (`titan-fusion serve`,
     the trainer and its fork server): a library caller's objects are its own. Returns how many
@@ -346,7 +347,7 @@ def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the service stops us
     lower_priority()  # before torch starts any thread: they inherit it
-    if cpus:  # server/cpus.py: the service keeps off these
+    if cpus:  # server/cpus.py: the service's threads keep off these (but gRPC core's)
         try:
             os.sched_setaffinity(0, cpus)
         except OSError as e:
