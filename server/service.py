@@ -580,7 +580,7 @@ class FusionService:
         if self.cpu_split is not None:  # before the owner starts the trainer (and its fork server)
             split = self.cpu_split  # gRPC's own threads (created with self.server) may use every CPU
             self._affinity_before = cpus.pin_process(split.service, grpc_cpus=split.service | split.trainer)
-            log.info("the trainer runs on CPUs %s; the service's Python threads keep to CPUs %s, gRPC's own "
+            log.info("the trainer runs on CPUs %s; the service's threads keep to CPUs %s, gRPC core's own "
                      "threads may use CPUs %s (trainer_cpus = %r)", cpus.fmt(split.trainer), cpus.fmt(split.service),
                      cpus.fmt(split.service | split.trainer), self.config.trainer_cpus)
         self.server.start()

@@ -189,7 +189,7 @@ SERVICE_HELP: dict[str, str] = {
     "n_models": "number of experts per event",
     "trainer": "where the model trains: \"process\" (a child process, so training never stalls Predicts) or "
                "\"thread\" (the model owner's thread)",
-    "trainer_cpus": "CPUs of the trainer process, which the service's Python threads keep off (gRPC's own C++ "
+    "trainer_cpus": "CPUs of the trainer process, which the service's threads keep off (gRPC core's own C++ "
                     "threads may use every CPU): \"auto\" (the last CPU when there are two or more), \"off\", or a "
                     "CPU list such as \"3\", \"6-7\" or \"2,5\"",
     "checkpoint_every": "automatic checkpoint every N learned outcomes; 0 turns it off",

@@ -10,7 +10,7 @@ TransformerFusion itself. LocalTrainer keeps the model in the owner's thread (te
 `trainer = "thread"` setting). TrainerProcess, the service's default, keeps it in a child process:
 a training step then never holds the service's interpreter lock, so Predicts and journal commits
 run beside training instead of between its Python statements; with two or more CPUs it runs on
-its own CPU, which the service's Python threads keep off (server/cpus.py). The pipe carries requests one
+its own CPU, which the service's threads keep off (server/cpus.py). The pipe carries requests one
 at a time, in order, so the child applies them in the order the owner sent them: the owner still
 serializes every change of the model. After each request the child sends back the model's
 immutable inference Snapshot (when it changed) and its training statistics; predictions read that
