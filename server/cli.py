@@ -60,7 +60,7 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             logging.getLogger("titan_fusion.server").error("the model could not be recovered; exiting")
             service.stop(0)
             return 1
-        if ns.ready_file and not ready_written and service.owner.ready.is_set():
+        if ns.ready_file and not ready_written and service.serving:
             tmp = ns.ready_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"port": port, "metrics_port": service.metrics_port, "pid": os.getpid()}, f)

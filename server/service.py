@@ -491,6 +491,7 @@ class FusionService:
         self.metrics_port: int | None = None
         self._stopped = False
         self._serving = threading.Event()
+        self._health_lock = threading.Lock()  # SERVING (_announce_ready) against NOT_SERVING (_owner_failed)
 
     def _release(self) -> None:
         if self.journal is not None:
@@ -556,8 +557,9 @@ class FusionService:
         """The model owner stopped (a bug, or a trainer that keeps dying): report NOT_SERVING, so
         that an orchestrator restarts the service (which recovers from the checkpoint and journal)."""
         log.error("the model owner failed; reporting NOT_SERVING: %s", e)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._health_lock:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _predicted(self, preds: list) -> None:
         """After each forecast computation (Predictor._compute): `preds` is its batch."""
@@ -577,13 +579,13 @@ class FusionService:
                 self._release()
                 raise FusionError(f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
                                   f"{e.strerror or e}") from None
-        if self.cpu_split is not None:  # before the owner starts the trainer (and its fork server)
-            split = self.cpu_split  # gRPC's own threads (created with self.server) may use every CPU
+        self.server.start()
+        if self.cpu_split is not None:  # after gRPC started its threads, before the owner starts the trainer
+            split = self.cpu_split
             self._affinity_before = cpus.pin_process(split.service, grpc_cpus=split.service | split.trainer)
             log.info("the trainer runs on CPUs %s; the service's threads keep to CPUs %s, gRPC core's own "
                      "threads may use CPUs %s (trainer_cpus = %r)", cpus.fmt(split.trainer), cpus.fmt(split.service),
                      cpus.fmt(split.service | split.trainer), self.config.trainer_cpus)
-        self.server.start()
         self.owner.start()
         threading.Thread(target=self._announce_ready, name="ready-watch", daemon=True).start()
         log.info("titan-fusion listening on %s:%d (metrics on %s), data in %s", self.config.host, self.port,
@@ -597,13 +599,20 @@ class FusionService:
                 return
         if self._freeze_gc:
             log.info("%d start-up objects frozen out of the garbage collector's full passes", freeze_start_up())
-        if not self._stopped:
+        with self._health_lock:  # an owner that failed meanwhile (_owner_failed) stays NOT_SERVING
+            if self._stopped or self.owner.failed is not None:
+                return
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self._serving.set()
             t = self.owner.trainer
             log.info("serving: %d outcomes learned, model version %d, training in %s", t.samples_trained, t.version,
                      "a child process" if isinstance(t, TrainerProcess) else "the model owner's thread")
+
+    @property
+    def serving(self) -> bool:
+        """True once the model is recovered and the service reported SERVING."""
+        return self._serving.is_set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once the model is recovered and the service SERVING; False on timeout or failure."""

@@ -18,10 +18,11 @@ from typing import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from google.protobuf.descriptor_pool import DescriptorPool
 
-from service_helpers import (FAST, NOT_SERVING, SERVICE_NAME, SERVING, Call, JournalLock, Running, drain, events,
+from service_helpers import (FAST, NOT_SERVING, SERVICE_NAME, SERVING, Call, JournalLock, Running, config, drain, events,
                              learn, one, owner_puts, predictions, rpc_error, scrape, service, start,
                              to_pb_experts, training_state, wait_until)
 from titan_fusion.client import (DeadlineExceededError, FailedPreconditionError, FusionClient, InternalError,
@@ -656,6 +657,32 @@ def test_health_is_not_serving_while_recovering_then_serving_and_the_replay_rebu
         assert predictions(c, PROBE) == before  # the replay rebuilt the very same model
         ack = c.record_outcome(GOOD[0], GOOD_FEATURES, actual_direction="UP", event_id="early")
         assert (ack.duplicate, ack.samples_trained) == (False, 201)  # the refused one was not journaled
+    finally:
+        running.close()
+
+
+def test_an_owner_that_fails_while_the_service_gets_ready_keeps_it_not_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """freeze_gc: the start-up collection runs between the owner's readiness and SERVING; an owner
+    that fails in that window (reported NOT_SERVING by _owner_failed) must not be covered by a
+    SERVING set after it."""
+    from titan_fusion.server import service as service_module
+    from titan_fusion.server.service import FusionService
+    svc = FusionService(config(tmp_path / "data"), registry=CollectorRegistry(), freeze_gc=True)
+
+    def owner_fails_meanwhile() -> int:
+        e = RuntimeError("the owner failed during the start-up collection")
+        svc.owner.failed = e
+        svc._owner_failed(e)
+        return 0
+    monkeypatch.setattr(service_module, "freeze_start_up", owner_fails_meanwhile)
+    svc.start()
+    running = Running(svc, svc.port, CollectorRegistry(), tmp_path / "data")
+    try:
+        assert not svc.wait_ready(5) and not svc.serving
+        health = running.health()
+        for name in ("", SERVICE_NAME):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == NOT_SERVING
     finally:
         running.close()
 
