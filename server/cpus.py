@@ -2,10 +2,11 @@
 
 A trainer that learns at full rate keeps one core busy. When the kernel may run it on any core, a
 Predict's threads (gRPC's poller, a handler) keep landing on the core it holds and wait there for
-the scheduler: on the 2-vCPU machine of docs/PERFORMANCE.md, a busy process at the trainer's nice
-10 raised Predict p99 2.7-2.9x. With that process on its own core and the service kept off it,
-0.94-1.10x (`make bench`, "beside a plain CPU loop"; it also doubled Predicts/s with 8 and 32 in
-flight), and 0.87-0.88x since gRPC's own threads may use that core too (below).
+the scheduler: on the Intel 2-vCPU machine of docs/PERFORMANCE.md's earlier rounds, a busy process
+at the trainer's nice 10 raised Predict p99 2.7-2.9x. With that process on its own core and the
+service kept off it, 0.94-1.10x (`make bench`, "beside a plain CPU loop"; it also doubled
+Predicts/s with 8 and 32 in flight); on the AMD machine of its later rounds, with gRPC core's own
+threads allowed on that core too (below), 0.81-0.97x.
 
     "auto"   with two or more CPUs available: the trainer gets the last one, the service the rest
              (one CPU: nothing is pinned)

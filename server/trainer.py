@@ -62,7 +62,7 @@ def freeze_start_up() -> int:
     model as it is then) out of the garbage collector's reach, so that its full passes walk only
     what was made since (objects frozen are still freed when nothing refers to them; only a cycle
     among them that becomes garbage later stays). In the service process a full pass over its ~120,000 start-up objects took
-    50-57 ms, every few seconds with 32 Predicts in flight, and every thread waits for it
+    49-57 ms, every few seconds with 32 Predicts in flight, and every thread waits for it
     (docs/PERFORMANCE.md). Only for a process that is the service's alone (`titan-fusion serve`,
     the trainer and its fork server): a library caller's objects are its own. Returns how many
     objects are frozen."""
@@ -358,7 +358,7 @@ def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[
     torch.set_num_threads(1)  # bit-reproducible training, one core
     fusion = TransformerFusion(config, n_models=n_models)
     warm_up()  # a no-op in cost when the fork server preloaded it
-    freeze_start_up()  # torch's many objects: each full collection walked them (45-134 ms here)
+    freeze_start_up()  # torch's ~290,000 objects: a full collection walked them in 124-133 ms here
     sent: Snapshot | None = None
 
     def state(with_snapshot: bool = True) -> tuple:
