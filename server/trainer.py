@@ -60,12 +60,12 @@ _HIDE_MAIN = threading.Lock()
 def freeze_start_up() -> int:
     """Collect, then move every object alive now (the imported modules and the compiled code, the
     model as it is then) out of the garbage collector's reach, so that its full passes walk only
-    what was made since (objects frozen are still freed when nothing refers to them; only a cycle
-    among them that becomes garbage later stays). In the service process a full pass over its ~120,000 start-up objects took
-    49-57 ms, every few seconds with 32 Predicts in flight, and every thread waits for it
-    (docs/PERFORMANCE.md). Only for a process that is the service's alone (`titan-fusion serve`,
-    the trainer and its fork server): a library caller's objects are its own. Returns how many
-    objects are frozen."""
+    what was made since. Frozen objects are still freed when nothing refers to them; only a cycle
+    among them that becomes garbage later stays. In the service process a full pass over its
+    ~120,000 start-up objects took 49-57 ms, every few seconds with 32 Predicts in flight, and every
+    thread waits for it (docs/PERFORMANCE.md). Only for a process that is the service's alone
+    (`titan-fusion serve`, the trainer and its fork server): a library caller's objects are its
+    own. Returns how many objects are frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
@@ -358,7 +358,8 @@ def _child_main(conn: Any, config: FusionConfig, n_models: int, cpus: frozenset[
     torch.set_num_threads(1)  # bit-reproducible training, one core
     fusion = TransformerFusion(config, n_models=n_models)
     warm_up()  # a no-op in cost when the fork server preloaded it
-    freeze_start_up()  # torch's ~290,000 objects: a full collection walked them in 124-133 ms here
+    freeze_start_up()  # torch's ~290,000 objects (frozen already when the fork server preloaded them):
+    # a full collection walked them in 124-133 ms here
     sent: Snapshot | None = None
 
     def state(with_snapshot: bool = True) -> tuple:
