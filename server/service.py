@@ -383,7 +383,10 @@ class FusionServicer(pb_grpc.FusionServiceServicer):
                 except grpc.RpcError:
                     # The client cancelled or broke the stream. The chunks already handed to the
                     # owner are journaled; the rows of the chunk being gathered are dropped (a re-run
-                    # with the same event_ids journals exactly what is missing).
+                    # with the same event_ids journals exactly what is missing). grpc may also end
+                    # the iterator of a cancelled stream as if the client had closed it (StopIteration,
+                    # when it learns of the end of the messages before the cancel): then those rows
+                    # are journaled, as a complete stream's would be.
                     log.info("a bulk outcome stream ended early: %d rows received, the first %d handed to "
                              "the owner", received, received - len(chunk))
                     gone = True

@@ -528,4 +528,10 @@ def test_a_stream_that_ends_early_counts_in_stats_what_it_journaled(service, str
     while (s := client.stats()["service"])["outcomes"] != s["journal_sequence"]:
         assert time.monotonic() < deadline, s
         time.sleep(0.05)
-    assert s["journal_sequence"] == 1024
+    # The last 76 rows (a chunk being gathered) are dropped when the handler sees the cancel. grpc's
+    # server may instead end the request iterator as if the client had closed the stream, when it
+    # learns of the end of the messages before the cancel (grpc/_server.py _receive_message: the
+    # stream is then _CLOSED, not _CANCELLED): then they were a complete stream to the service.
+    # Either way, Stats counts what was journaled.
+    assert s["journal_sequence"] in (1024, 1100), s
+    assert s["outcomes"] == s["journal_sequence"]
