@@ -174,11 +174,6 @@ def _aug_cols(a: np.ndarray) -> np.ndarray:
     return np.concatenate((a, np.zeros((a.shape[0], 1))), axis=1)
 
 
-def _aug_rows(a: np.ndarray) -> np.ndarray:
-    """(C, k) -> (C + 1, k): a zero last row."""
-    return np.concatenate((a, np.zeros((1, a.shape[1]))), axis=0)
-
-
 class OneEventNet:
     """NumpyNet.forward for one event (B = 1): what does not depend on the event is folded once
     per snapshot (here, in numpy), so that a forward is a product with a constant matrix and a few
